@@ -1,0 +1,162 @@
+"""Configuration: one small frozen dataclass per concern, validated when built.
+
+Configs are read by the orchestration code (`ctrak.attribution`, `pipeline/`, `jobs/`); the math
+functions take plain tensors and numbers. Defaults are the project's choices, recorded here once:
+
+- gradient timesteps 99, 199, ..., 899 (METHOD.md section 2: every 5th state of a 50-step grid,
+  the pure-noise state dropped);
+- DDIM inversion on a 10-step trailing grid, no guidance (cheapest grid holding those timesteps;
+  the benchmark issue's ablation revisits it);
+- k = 1024, Rademacher projection (2 KB per sample in float16);
+- damping ratio r = 1: lambda = r * 0.1 * trace(K) / k, fixed, never tuned per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ctrak.errors import ConfigError
+
+Method = Literal["concept-trak", "trak", "d-trak", "das"]
+State = Literal["inverted", "noised"]
+Scope = Literal["local", "global"]
+ProjectionKind = Literal["rademacher", "gaussian"]
+
+METHODS: tuple[str, ...] = ("concept-trak", "trak", "d-trak", "das")
+DEFAULT_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699, 799, 899)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """DDIM inversion: `num_steps` on the trailing grid t_j = round(j * T / N) - 1, and CFG
+    weight `guidance` (1.0 = conditional only, no unconditional branch)."""
+
+    num_steps: int = 10
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ConfigError(f"inversion num_steps={self.num_steps} must be >= 1")
+        if self.guidance < 0:
+            raise ConfigError(f"inversion guidance={self.guidance} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Random JL projection to `k` dimensions, regenerated from `seed` block by block."""
+
+    k: int = 1024
+    seed: int = 0
+    kind: ProjectionKind = "rademacher"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k <= 0:
+            raise ConfigError(f"projection k={self.k!r} must be a positive integer (e.g. 1024)")
+        _check_choice("projection kind", self.kind, ("rademacher", "gaussian"))
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """Which training-side loss, at which states x_t and timesteps, over which parameters.
+
+    `state` and `normalize` default per method (None = the method's own choice): Concept-TRAK
+    uses DDIM-inverted states and per-timestep unit norms; TRAK and D-TRAK forward-noised states
+    with fixed shared noise and raw sums; DAS noised states with per-timestep unit norms.
+    `params` are substrings of UNet parameter names (("attn2",) = cross-attention); () = all.
+    """
+
+    method: Method = "concept-trak"
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    params: tuple[str, ...] = ()
+    state: State | None = None
+    normalize: bool | None = None
+    noise_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        if not self.timesteps:
+            raise ConfigError("timesteps must name at least one timestep, e.g. (99, 199, ..., 899)")
+        if list(self.timesteps) != sorted(set(self.timesteps)) or self.timesteps[0] < 0:
+            raise ConfigError(f"timesteps={self.timesteps} must be increasing and non-negative")
+        if self.state is not None:
+            _check_choice("state", self.state, ("inverted", "noised"))
+
+    @property
+    def resolved_state(self) -> State:
+        if self.state is not None:
+            return self.state
+        return "inverted" if self.method == "concept-trak" else "noised"
+
+    @property
+    def resolved_normalize(self) -> bool:
+        if self.normalize is not None:
+            return self.normalize
+        return self.method in ("concept-trak", "das")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """Query side. `utility="concept"` is the concept-slider / CFG utility (Concept-TRAK);
+    `"same"` is the whole-image query of the baselines (their own training loss on the query).
+    Global scope samples `num_draws` images under the prompt with CFG weight `sample_guidance`
+    over `sample_steps` DDIM steps, normalises each draw's gradient and averages."""
+
+    scope: Scope = "local"
+    utility: Literal["concept", "same"] | None = None
+    num_draws: int = 8
+    sample_steps: int = 25
+    sample_guidance: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("scope", self.scope, ("local", "global"))
+        if self.utility is not None:
+            _check_choice("utility", self.utility, ("concept", "same"))
+        if self.num_draws < 1:
+            raise ConfigError(f"num_draws={self.num_draws} must be >= 1")
+        if self.sample_steps < 1:
+            raise ConfigError(f"sample_steps={self.sample_steps} must be >= 1")
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Everything that fixes a feature store's meaning (see `provenance`)."""
+
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    damping_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.damping_ratio <= 0:
+            raise ConfigError(f"damping_ratio={self.damping_ratio} must be > 0 (default 1.0)")
+
+    @property
+    def utility(self) -> Literal["concept", "same"]:
+        if self.query.utility is not None:
+            return self.query.utility
+        return "concept" if self.gradient.method == "concept-trak" else "same"
+
+    def provenance(self) -> dict[str, object]:
+        """The settings a stored feature depends on (query settings excluded)."""
+        g, inv, p = self.gradient, self.inversion, self.projection
+        return {
+            "method": g.method,
+            "timesteps": list(g.timesteps),
+            "params": list(g.params),
+            "state": g.resolved_state,
+            "normalize": g.resolved_normalize,
+            "noise_seed": g.noise_seed,
+            "inversion_steps": inv.num_steps,
+            "inversion_guidance": inv.guidance,
+            "projection_k": p.k,
+            "projection_seed": p.seed,
+            "projection_kind": p.kind,
+        }

@@ -1,0 +1,29 @@
+"""Named errors. Each says what is wrong and how to fix it; none of them ever corrects input."""
+
+
+class CtrakError(Exception):
+    """Base class of every error ctrak raises on bad input or a mismatched artifact."""
+
+
+class ModelLoadError(CtrakError):
+    """The model directory is missing a component, or holds one we will not load."""
+
+
+class ImageShapeError(CtrakError):
+    """Images have the wrong size, channel count or value range for the model."""
+
+
+class PromptError(CtrakError):
+    """A prompt is empty or not a string."""
+
+
+class ConceptNotInPromptError(CtrakError):
+    """The target concept does not occur in the prompt and no negative prompt was given."""
+
+
+class ConfigError(CtrakError):
+    """A configuration value is out of range (k <= 0, a timestep off the grid, ...)."""
+
+
+class NumericsError(CtrakError):
+    """A gradient is NaN/Inf or has zero norm at a timestep, so it cannot be normalised."""
