@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ctrak.errors import ImageShapeError, ModelLoadError, PromptError
+from ctrak.numerics import upcast
 
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
 _REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
@@ -66,7 +67,10 @@ class DiffusionModel:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> DiffusionModel:
         """Load a diffusers-format directory. Raises ModelLoadError naming what is missing."""
         path = Path(path)
@@ -149,19 +153,19 @@ class DiffusionModel:
     def images_to_x0(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> x0 (B, C, h, w) float32 (latent mean or pixels)."""
         self.check_images(images)
-        images = images.to(self.device, torch.float32)
+        images = upcast(images.to(self.device, torch.promote_types(self.dtype, torch.float32)))
         if self.vae is None:
             return images
         latent = self.vae.encode(images.to(self.dtype)).latent_dist.mean
-        return latent.float() * float(self.vae.config.scaling_factor)
+        return upcast(latent) * float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
     def x0_to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 (B, C, h, w) -> images (B, 3, H, W) clamped to [-1, 1]."""
         if self.vae is not None:
             latent = x0 / float(self.vae.config.scaling_factor)
-            x0 = self.vae.decode(latent.to(self.dtype)).sample.float()
-        return x0.float().clamp(-1, 1)
+            x0 = self.vae.decode(latent.to(self.dtype)).sample
+        return upcast(x0).clamp(-1, 1)
 
     # ---- prompts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,11 +211,11 @@ class DiffusionModel:
             out = self.unet(*args, **kwargs).sample
         else:
             out = torch.func.functional_call(self.unet, params, args, kwargs).sample
-        out = out.float()
+        out = upcast(out)
         if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(x_t.device)[t_tensor].float()
+            abar = self.alphas_cumprod.to(x_t.device)[t_tensor].to(out.dtype)
             abar = abar.reshape(-1, *([1] * (x_t.dim() - 1)))
-            out = abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
+            out = abar.sqrt() * out + (1 - abar).sqrt() * upcast(x_t)
         elif self.prediction_type != "epsilon":
             raise ModelLoadError(f"prediction_type {self.prediction_type!r} is not supported")
         return out

@@ -16,10 +16,11 @@ import torch
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>")
 DEFAULT_WORDS = (
-    "a an the of in on with and style photo drawing painting picture shape "
-    "red blue green yellow purple orange black white cyan magenta "
-    "triangle circle square star cross diamond pentagon hexagon"
-).split()
+    *("a", "an", "the", "of", "in", "on", "with", "and", "style", "photo", "drawing"),
+    *("painting", "picture", "shape"),
+    *("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "cyan", "magenta"),
+    *("triangle", "circle", "square", "star", "cross", "diamond", "pentagon", "hexagon"),
+)
 
 
 def build_tokenizer(words: Sequence[str] = DEFAULT_WORDS, max_length: int = 8):

@@ -2,7 +2,7 @@
 # The test command: formatting, lint, then the suite (CPU; GPU tests skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff format --check ctrak pipeline jobs tests
 .venv/bin/ruff check ctrak pipeline jobs tests
 .venv/bin/python -m pytest -q "$@"

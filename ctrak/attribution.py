@@ -1,0 +1,242 @@
+"""Concept-TRAK end to end in one process: featurize -> kernel -> query -> top-k.
+
+    phi_i = P^T sum_t normalise(grad_theta L_train(z_i; x_t))          (training side)
+    g_q   = P^T mean_draws normalise(sum_t normalise(grad_theta L_q(x_t)))  (query side)
+    score = g_q^T (Phi^T Phi + lambda I)^-1 phi_i
+
+A notebook session:
+
+    model = DiffusionModel.load("ctrak/assets/toy-paper")
+    attributor = Attributor(model, AttributionConfig())
+    features = attributor.featurize(images, captions)
+    kernel = attributor.fit(features)
+    hits = attributor.attribute([Query("a red triangle", concept="triangle", image=img)],
+                                features, kernel, top_k=10)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import ctrak
+from ctrak.config import AttributionConfig
+from ctrak.errors import ConceptNotInPromptError, ConfigError, NumericsError, PromptError
+from ctrak.generation import sample
+from ctrak.gradients import normalize_rows, per_sample_grads
+from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
+from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve
+from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs
+from ctrak.model import DiffusionModel
+from ctrak.projection import Projector
+from ctrak.seeds import generator
+from ctrak.topk import TopK, topk
+
+
+@dataclass(frozen=True)
+class Query:
+    """prompt c; concept (None = the whole prompt); negative c- (None = prompt minus concept);
+    image (B, 3, H, W) in [-1, 1] for local scope, None for global scope."""
+
+    prompt: str
+    concept: str | None = None
+    negative: str | None = None
+    image: torch.Tensor | None = None
+
+
+def resolve_negative(prompt: str, concept: str | None, negative: str | None) -> str:
+    """c-: the given negative; "" when the concept is the whole prompt (plain CFG direction);
+    else the prompt with the concept's words removed. A concept absent from the prompt with no
+    negative is an error: there is nothing to subtract."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError("the query prompt is empty; give the prompt the image was made from")
+    if negative is not None:
+        return negative
+    if concept is None or concept.strip() == prompt.strip():
+        return ""
+    pattern = r"\b" + r"\s+".join(map(re.escape, concept.split())) + r"\b"
+    if not concept.strip() or not re.search(pattern, prompt):
+        raise ConceptNotInPromptError(
+            f"concept {concept!r} does not occur in prompt {prompt!r}; pass negative=... "
+            "(the prompt without the concept) or a concept that is part of the prompt"
+        )
+    return " ".join(re.sub(pattern, " ", prompt).split())
+
+
+def fixed_noise(seed: int, t: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The shared noise of timestep t (same for every sample): (C, h, w) float32."""
+    return torch.randn(tuple(shape), generator=generator(seed, "noise", t)).to(device)
+
+
+class Attributor:
+    """Holds the model, the attributed parameters and the projection for one configuration."""
+
+    def __init__(self, model: DiffusionModel, config: AttributionConfig | None = None) -> None:
+        self.model = model
+        self.config = config or AttributionConfig()
+        g, inv = self.config.gradient, self.config.inversion
+        if g.resolved_state == "inverted":
+            check_on_grid(g.timesteps, inv.num_steps, model.num_train_timesteps)
+        if g.timesteps[-1] >= model.num_train_timesteps:
+            raise ConfigError(f"timestep {g.timesteps[-1]} >= T={model.num_train_timesteps}")
+        self.params = model.attributed_parameters(g.params)
+        p = self.config.projection
+        layout = [(name, t.numel()) for name, t in self.params.items()]
+        self.projector = Projector(layout, p.k, p.seed, p.kind)
+
+    # ---- provenance ----------------------------------------------------------------------
+    def provenance(self) -> dict[str, object]:
+        """What a stored feature depends on: model, settings, parameter layout, code version."""
+        return {
+            "model": self.model.fingerprint,
+            **self.config.provenance(),
+            "param_layout": self.projector.layout_hash,
+            "num_params": self.projector.dim,
+            "code_version": ctrak.__version__,
+        }
+
+    # ---- states x_t ----------------------------------------------------------------------
+    def _eps(self, x: torch.Tensor, t: int, cond: torch.Tensor, params=None) -> torch.Tensor:
+        return self.model.eps(x, t, cond, params)
+
+    def states(
+        self, x0: torch.Tensor, cond: torch.Tensor
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """x0 (B, C, h, w) -> {t: (x_t, noise)} with x_t = sqrt(abar) x0 + sqrt(1-abar) noise."""
+        g, inv, abar = self.config.gradient, self.config.inversion, self.model.alphas_cumprod
+        if g.resolved_state == "noised":
+            out = {}
+            for t in g.timesteps:
+                noise = fixed_noise(g.noise_seed, t, x0.shape[1:], x0.device).expand_as(x0)
+                out[t] = (forward_noise(x0, noise, float(abar[t])), noise)
+            return out
+        uncond = self.model.null_condition(x0.shape[0]) if inv.guidance != 1.0 else None
+        eps_fn = guided_eps(self.model.eps, cond, uncond, inv.guidance)
+        inverted = ddim_invert(eps_fn, x0, abar, inv.num_steps, g.timesteps)
+        return {t: (x_t, _implied_noise(x_t, x0, float(abar[t]))) for t, x_t in inverted.items()}
+
+    # ---- gradients -----------------------------------------------------------------------
+    def _summed_gradients(
+        self,
+        states: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        loss: Callable,
+        negative: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum over timesteps of (normalised) per-sample gradients: (B, D) and ok (B,)."""
+        normalize = self.config.gradient.resolved_normalize
+        total = torch.zeros(x0.shape[0], self.projector.dim, device=x0.device, dtype=x0.dtype)
+        ok = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+        for t, (x_t, noise) in sorted(states.items()):
+            abar_t = float(self.model.alphas_cumprod[t])
+            term = loss(LossInputs(self._eps, x_t, t, abar_t, cond, x0, noise, negative))
+            g = per_sample_grads(
+                self._eps, self.params, term.objective, x_t, t, cond, term.target
+            )  # (B, D)
+            if normalize:
+                g, ok_t = normalize_rows(g)
+                ok &= ok_t
+            else:
+                ok &= torch.isfinite(g).all(1)
+            total += g
+        return total, ok
+
+    def featurize_batch(
+        self, images: torch.Tensor, captions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) in [-1, 1], captions (B,) -> (phi (B, k) float32, ok (B,) bool).
+
+        Rows with ok = False (NaN/Inf or a zero-norm timestep) hold zeros: never store them."""
+        x0 = self.model.images_to_x0(images)
+        cond = self.model.encode_prompts(captions, allow_empty=True)
+        loss = TRAINING_LOSSES[self.config.gradient.method]
+        total, ok = self._summed_gradients(self.states(x0, cond), x0, cond, loss)
+        phi = self.projector.project(total)
+        ok &= torch.isfinite(phi).all(1)
+        return torch.where(ok[:, None], phi, torch.zeros_like(phi)), ok
+
+    def featurize(
+        self,
+        images: torch.Tensor,
+        captions: Sequence[str],
+        batch_size: int = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """images (N, 3, H, W), captions (N,) -> Phi (N, k). Raises NumericsError on a bad row."""
+        if len(captions) != images.shape[0]:
+            raise ConfigError(f"{images.shape[0]} images but {len(captions)} captions")
+        parts = []
+        for start in range(0, images.shape[0], batch_size):
+            phi, ok = self.featurize_batch(
+                images[start : start + batch_size], captions[start : start + batch_size]
+            )
+            if not ok.all():
+                bad = [start + int(i) for i in torch.nonzero(~ok).flatten()]
+                raise NumericsError(f"rows {bad} have NaN/Inf or zero-norm gradients")
+            parts.append(phi.cpu())
+            if progress is not None:
+                progress(phi.shape[0])
+        return torch.cat(parts)
+
+    def query_gradient(self, query: Query) -> torch.Tensor:
+        """Query -> g_q (k,) float32: per-draw (or per-image) normalised, then averaged."""
+        cfg, q = self.config, self.config.query
+        negative_text = resolve_negative(query.prompt, query.concept, query.negative)
+        if q.scope == "local":
+            if query.image is None:
+                raise ConfigError("local scope needs a query image; pass image=... or scope=global")
+            x0 = self.model.images_to_x0(query.image)
+        cond = self.model.encode_prompts([query.prompt])
+        if q.scope == "global":
+            keep = cfg.gradient.timesteps if cfg.gradient.resolved_state == "inverted" else ()
+            x0, trajectory = sample(
+                self.model,
+                [query.prompt] * q.num_draws,
+                seed=q.seed,
+                num_steps=q.sample_steps,
+                guidance=q.sample_guidance,
+                keep=keep,
+            )
+        B = x0.shape[0]
+        cond = cond.expand(B, -1, -1)
+        negative = self.model.encode_prompts([negative_text], allow_empty=True).expand(B, -1, -1)
+        if q.scope == "global" and cfg.gradient.resolved_state == "inverted":
+            abar = self.model.alphas_cumprod
+            states = {t: (x, _implied_noise(x, x0, float(abar[t]))) for t, x in trajectory.items()}
+        else:
+            states = self.states(x0, cond)
+        if cfg.utility == "concept":
+            loss = UTILITY_LOSSES["concept"]
+        else:
+            loss = TRAINING_LOSSES[cfg.gradient.method]
+        total, ok = self._summed_gradients(states, x0, cond, loss, negative)
+        if not ok.all():
+            raise NumericsError("the query gradient is NaN/Inf or zero at some timestep")
+        unit, ok = normalize_rows(total)
+        if not ok.all():
+            raise NumericsError("the query gradient is zero: the concept changes nothing")
+        return self.projector.project(unit.mean(0, keepdim=True))[0]
+
+    # ---- kernel and scores ---------------------------------------------------------------
+    def fit(self, features: torch.Tensor) -> Kernel:
+        """Phi (n, k) -> the damped, factorised kernel."""
+        return fit_kernel(gram(features), self.config.damping_ratio)
+
+    def scores(self, queries: Sequence[Query], features: torch.Tensor, kernel: Kernel):
+        """-> (q, n) float64 influence scores."""
+        g = torch.stack([self.query_gradient(query) for query in queries]).cpu()
+        return scores(features, solve(kernel, g))
+
+    def attribute(
+        self, queries: Sequence[Query], features: torch.Tensor, kernel: Kernel, top_k: int = 10
+    ) -> TopK:
+        """-> TopK with values/indices (q, top_k), descending score."""
+        return topk(self.scores(queries, features, kernel), top_k)
+
+
+def _implied_noise(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float) -> torch.Tensor:
+    return (x_t - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5

@@ -1,0 +1,58 @@
+"""Sampling images from the model under a prompt (DDIM, eta = 0, classifier-free guidance).
+
+Used by `ctrak generate`, by global-scope queries (x_t drawn from the model's own trajectory)
+and by the benchmark's generated query images. Initial noise comes from a derived seed per
+draw, so draw i is the same image whatever the batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ctrak.inversion import ddim_sample, guided_eps
+from ctrak.model import DiffusionModel
+from ctrak.seeds import generator
+
+
+def initial_noise(model: DiffusionModel, seed: int, draws: Sequence[int]) -> torch.Tensor:
+    """x_T for the given draw indices: (len(draws), C, h, w) float32 on the model's device."""
+    cfg = model.unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    noise = [torch.randn(shape, generator=generator(seed, "draw", i)) for i in draws]
+    return torch.stack(noise).to(model.device)
+
+
+@torch.no_grad()
+def sample(
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    first_draw: int = 0,
+    num_steps: int = 50,
+    guidance: float = 3.0,
+    keep: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """prompts (B,) -> (x0 (B, C, h, w), {t: x_t (B, C, h, w)} for t in keep).
+
+    Draw b uses initial noise `first_draw + b`; x0 is in model space (latent or pixel)."""
+    cond = model.encode_prompts(prompts)
+    uncond = model.null_condition(len(prompts))
+    x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts)))
+    eps_fn = guided_eps(model.eps, cond, uncond, guidance)
+    return ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, keep)
+
+
+def generate_images(
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    num_steps: int = 50,
+    guidance: float = 3.0,
+) -> torch.Tensor:
+    """prompts (B,) -> images (B, 3, H, W) in [-1, 1]."""
+    x0, _ = sample(model, prompts, seed=seed, num_steps=num_steps, guidance=guidance)
+    return model.x0_to_images(x0)

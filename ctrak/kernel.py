@@ -1,0 +1,66 @@
+"""The damped Fisher kernel and the influence score (METHOD.md section 1).
+
+K = Phi^T Phi = sum_s Phi_s^T Phi_s               (additive over shards, float64)
+lambda = r * 0.1 * trace(K) / k                   (one fixed r, never tuned per query)
+I(z_i, q) = g_q^T (K + lambda I)^-1 phi_i          (Cholesky solve once per query)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ctrak.errors import ConfigError, NumericsError
+
+
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """features (n, k) -> Phi^T Phi (k, k) float64. Partial Grams add up across shards."""
+    phi = features.to(torch.float64)
+    return phi.T @ phi
+
+
+def damping(K: torch.Tensor, ratio: float = 1.0) -> float:
+    """lambda = ratio * 0.1 * trace(K) / k."""
+    if ratio <= 0:
+        raise ConfigError(f"damping ratio {ratio} must be > 0")
+    return float(ratio * 0.1 * torch.trace(K) / K.shape[0])
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """K (k, k) float64, its damping, and the Cholesky factor of K + lambda I."""
+
+    K: torch.Tensor
+    lam: float
+    chol: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.K.shape[0])
+
+
+def fit_kernel(K: torch.Tensor, ratio: float = 1.0) -> Kernel:
+    """Factorise K + lambda I (lambda from the trace heuristic). Never forms an inverse."""
+    K = K.to(torch.float64)
+    if not torch.isfinite(K).all():
+        raise NumericsError("the Gram matrix holds NaN/Inf: a stored feature is corrupt")
+    lam = damping(K, ratio)
+    if lam <= 0:
+        raise NumericsError("trace(K) is zero: no training features were accumulated")
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    chol, info = torch.linalg.cholesky_ex(K + lam * eye)
+    if int(info) != 0:
+        raise NumericsError(f"K + lambda I is not positive definite (lambda={lam:.3g})")
+    return Kernel(K=K, lam=lam, chol=chol)
+
+
+def solve(kernel: Kernel, g: torch.Tensor) -> torch.Tensor:
+    """g (q, k) -> x = (K + lambda I)^-1 g (q, k) float64, by the Cholesky factor."""
+    rhs = g.to(torch.float64).T  # (k, q)
+    return torch.cholesky_solve(rhs, kernel.chol).T
+
+
+def scores(features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """features (n, k), x (q, k) -> scores (q, n) = x Phi^T, float64."""
+    return x.to(torch.float64) @ features.to(torch.float64).T

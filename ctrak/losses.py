@@ -1,0 +1,122 @@
+"""Loss functions, one per method, in plain registries (METHOD.md sections 2-4).
+
+Every loss is written as `objective(eps_theta(x_t), target)` with a detached target, so its
+parameter gradient is a vector-Jacobian product of the network output alone:
+
+- concept-trak (DPS reward, training side): target = sg[eps - v] with
+      x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),   v = -grad_{x_t} ||x0_hat - x0||^2
+  so L = ||sg[eps - v] - eps||^2 and grad_theta L = 2 J^T v. v is computed in float32.
+- trak (denoising score matching): target = the noise eps that made x_t; L = ||eps - eps_theta||^2.
+- d-trak: L = ||eps_theta||^2.
+- das: L = ||eps_theta||_1 (output-norm gradient; unit-normalised per timestep by default).
+- concept utility (query side, concept slider / CFG): u = eps(x_t, c) - sg[eps(x_t, c-)],
+      L = ||sg[eps_c + u] - eps_c||^2,   grad_theta L = -2 J_c^T u   (lambda_c = 1: it cancels).
+
+Sign convention, shared by both sides: every gradient is that of a loss, so the score
+g_query^T (K + lambda I)^-1 phi_i is positive when a descent step on z_i lowers the query loss,
+i.e. strengthens the concept (or the query image, for whole-image losses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ctrak.numerics import upcast
+
+EpsCall = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def squared_error(eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) x (B, ...) -> (B,): ||target - eps||^2 per sample."""
+    return (target - eps).pow(2).flatten(1).sum(1)
+
+
+def squared_norm(eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,): ||eps||^2 per sample (target unused)."""
+    return eps.pow(2).flatten(1).sum(1)
+
+
+def absolute_norm(eps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,): ||eps||_1 per sample (target unused)."""
+    return eps.abs().flatten(1).sum(1)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One timestep of a batch. x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise holds exactly
+    (for inverted states `noise` is the implied one). `negative` is the c- condition."""
+
+    eps: EpsCall
+    x_t: torch.Tensor  # (B, C, h, w)
+    t: int
+    abar_t: float
+    cond: torch.Tensor  # (B, L, D)
+    x0: torch.Tensor  # (B, C, h, w)
+    noise: torch.Tensor  # (B, C, h, w)
+    negative: torch.Tensor | None = None  # (B, L, D)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """What the per-sample gradient needs: the objective and its detached target."""
+
+    objective: Objective
+    target: torch.Tensor  # (B, C, h, w), float32, no grad
+
+
+def dps_direction(inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, v), both (B, C, h, w) float32: v = -grad_{x_t} ||x0_hat - x0||^2 per sample,
+    backpropagated through the frozen network. Samples are independent, so the gradient of
+    the summed error is each sample's own gradient."""
+    x = upcast(inp.x_t.detach()).requires_grad_(True)
+    with torch.enable_grad():
+        eps = inp.eps(x, inp.t, inp.cond)
+        # 1. Tweedie estimate of x0
+        x0_hat = (x - (1 - inp.abar_t) ** 0.5 * eps) / inp.abar_t**0.5
+        # 2. reconstruction error per sample, 3. its gradient w.r.t. x_t
+        error = (x0_hat - upcast(inp.x0)).pow(2).flatten(1).sum(1)  # (B,)
+        (grad_x,) = torch.autograd.grad(error.sum(), x)
+    return eps.detach(), -grad_x
+
+
+def dps_loss(inp: LossInputs) -> LossTerm:
+    eps, v = dps_direction(inp)
+    return LossTerm(squared_error, (eps - v).detach())
+
+
+def denoising_loss(inp: LossInputs) -> LossTerm:
+    return LossTerm(squared_error, upcast(inp.noise.detach()))
+
+
+def output_norm_loss(inp: LossInputs) -> LossTerm:
+    return LossTerm(squared_norm, torch.zeros_like(upcast(inp.x_t)))
+
+
+def output_l1_loss(inp: LossInputs) -> LossTerm:
+    return LossTerm(absolute_norm, torch.zeros_like(upcast(inp.x_t)))
+
+
+def concept_utility(inp: LossInputs) -> LossTerm:
+    """Concept slider: target = eps_c + (eps_c - eps_c-), both branches in one forward."""
+    if inp.negative is None:
+        raise ValueError("concept_utility needs the negative condition")
+    with torch.no_grad():
+        both = inp.eps(torch.cat([inp.x_t, inp.x_t]), inp.t, torch.cat([inp.cond, inp.negative]))
+        eps_c, eps_neg = upcast(both).chunk(2)
+    return LossTerm(squared_error, eps_c + (eps_c - eps_neg))
+
+
+LossFn = Callable[[LossInputs], LossTerm]
+
+TRAINING_LOSSES: dict[str, LossFn] = {
+    "concept-trak": dps_loss,
+    "trak": denoising_loss,
+    "d-trak": output_norm_loss,
+    "das": output_l1_loss,
+}
+
+UTILITY_LOSSES: dict[str, LossFn] = {"concept": concept_utility}
