@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# S3 server and Ray cluster fixtures (session-scoped, started on demand)
+pytest_plugins = ["services"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -59,9 +62,3 @@ def latent_model64(latent_model_dir):
     from ctrak.model import DiffusionModel
 
     return DiffusionModel.load(latent_model_dir, dtype=torch.float64)
-
-
-def random_images(n: int, size: int = 16, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    """(n, 3, size, size) images in [-1, 1] from a fixed seed."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, size, size, generator=gen) * 2 - 1).to(dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_images
+from helpers import random_images
 
 from ctrak import losses
 from ctrak.attribution import Attributor, Query

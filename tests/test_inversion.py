@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_images
 from diffusers import DDIMInverseScheduler, DDIMScheduler
+from helpers import random_images
 
 from ctrak.errors import ConfigError
 from ctrak.inversion import check_on_grid, ddim_invert, ddim_sample, guided_eps, trailing_grid

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import random_images
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers import random_images
 
 from ctrak.errors import ImageShapeError, ModelLoadError, PromptError
 from ctrak.model import DiffusionModel
