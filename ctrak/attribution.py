@@ -25,6 +25,7 @@ import torch
 import ctrak
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConceptNotInPromptError, ConfigError, NumericsError, PromptError
+from ctrak.factored import FactoredProjector, factored_grads
 from ctrak.generation import sample
 from ctrak.gradients import normalize_rows, per_sample_grads
 from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
@@ -84,8 +85,13 @@ class Attributor:
             raise ConfigError(f"timestep {g.timesteps[-1]} >= T={model.num_train_timesteps}")
         self.params = model.attributed_parameters(g.params)
         p = self.config.projection
-        layout = [(name, t.numel()) for name, t in self.params.items()]
-        self.projector = Projector(layout, p.k, p.seed, p.kind)
+        if p.path == "factored":
+            self.projector = FactoredProjector(
+                model.unet, self.params, p.k, p.seed, p.kind, p.k_side
+            )
+        else:
+            layout = [(name, t.numel()) for name, t in self.params.items()]
+            self.projector = Projector(layout, p.k, p.seed, p.kind)
 
     # ---- provenance ----------------------------------------------------------------------
     def provenance(self) -> dict[str, object]:
@@ -127,18 +133,25 @@ class Attributor:
         loss: Callable,
         negative: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum over timesteps of (normalised) per-sample gradients: (B, D) and ok (B,)."""
+        """sum over timesteps of (normalised) per-sample gradients and ok (B,): (B, D) full
+        gradients on the exact path, (B, M) layer projections on the factored path."""
         normalize = self.config.gradient.resolved_normalize
         total = torch.zeros(x0.shape[0], self.projector.dim, device=x0.device, dtype=x0.dtype)
         ok = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         for t, (x_t, noise) in sorted(states.items()):
             abar_t = float(self.model.alphas_cumprod[t])
             term = loss(LossInputs(self._eps, x_t, t, abar_t, cond, x0, noise, negative))
-            g = per_sample_grads(
-                self._eps, self.params, term.objective, x_t, t, cond, term.target
-            )  # (B, D)
+            if isinstance(self.projector, FactoredProjector):
+                g, sq = factored_grads(
+                    self._eps, self.projector, term.objective, x_t, t, cond, term.target
+                )  # (B, M) layer projections, exact squared norms (B,)
+            else:
+                g = per_sample_grads(
+                    self._eps, self.params, term.objective, x_t, t, cond, term.target
+                )
+                sq = None  # (B, D) full gradients
             if normalize:
-                g, ok_t = normalize_rows(g)
+                g, ok_t = normalize_rows(g, sq)
                 ok &= ok_t
             else:
                 ok &= torch.isfinite(g).all(1)

@@ -49,16 +49,26 @@ class InversionConfig:
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    """Random JL projection to `k` dimensions, regenerated from `seed` block by block."""
+    """Random projection to `k` dimensions, regenerated from `seed`.
+
+    path="factored" (default) projects each layer's gradient through k_side x k_side factors
+    from its inputs and output-gradients, never forming per-sample gradients, then maps the
+    concatenation to k (ctrak.factored). path="exact" forms full per-sample gradients with
+    torch.func and applies a dense JL projection (the reference)."""
 
     k: int = 1024
     seed: int = 0
     kind: ProjectionKind = "rademacher"
+    path: Literal["factored", "exact"] = "factored"
+    k_side: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
             raise ConfigError(f"projection k={self.k!r} must be a positive integer (e.g. 1024)")
         _check_choice("projection kind", self.kind, ("rademacher", "gaussian"))
+        _check_choice("projection path", self.path, ("factored", "exact"))
+        if not isinstance(self.k_side, int) or self.k_side <= 0:
+            raise ConfigError(f"projection k_side={self.k_side!r} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -159,4 +169,6 @@ class AttributionConfig:
             "projection_k": p.k,
             "projection_seed": p.seed,
             "projection_kind": p.kind,
+            "projection_path": p.path,
+            "projection_k_side": p.k_side if p.path == "factored" else None,
         }

@@ -47,11 +47,17 @@ def per_sample_grads(
     return torch.cat([upcast(grads[name].reshape(B, -1)) for name in params], dim=1)
 
 
-def normalize_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g (B, P) -> (g / ||g|| row-wise, ok (B,) bool). Rows with a zero, NaN or Inf norm are
-    returned as zeros with ok = False: they cannot be normalised and must not be stored."""
+def normalize_rows(
+    g: torch.Tensor, sq_norm: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """g (B, P) -> (g / ||g|| row-wise, ok (B,) bool). `sq_norm` (B,) supplies the squared
+    norms when g is a projection of the gradient whose exact norm is known. Rows with a zero,
+    NaN or Inf norm are returned as zeros with ok = False: they must not be stored."""
     g = upcast(g)
-    norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
+    if sq_norm is None:
+        norm = torch.linalg.vector_norm(g, dim=1)  # (B,)
+    else:
+        norm = upcast(sq_norm).sqrt()
     ok = torch.isfinite(norm) & (norm > 0)
     safe = torch.where(ok, norm, torch.ones_like(norm))
     return torch.where(ok[:, None], g / safe[:, None], torch.zeros_like(g)), ok

@@ -46,7 +46,7 @@ def test_score_sign_is_the_first_order_effect_of_a_descent_step(pixel_model64):
     model, t = pixel_model64, 499
     cfg = AttributionConfig(
         gradient=GradientConfig(method="concept-trak", timesteps=(t,), params=("attn2",)),
-        projection=ProjectionConfig(k=8),
+        projection=ProjectionConfig(k=8, path="exact"),  # full, unprojected gradients
     )
     attributor = Attributor(model, cfg)
     images = random_images(6, seed=21, dtype=torch.float64)
