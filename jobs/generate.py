@@ -45,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = DiffusionModel.load(args.model)
     images = generate_images(
-        model, [args.prompt] * args.num, seed=args.seed, num_steps=args.steps, guidance=args.guidance
+        model,
+        [args.prompt] * args.num,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance=args.guidance,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
