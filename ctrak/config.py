@@ -120,7 +120,7 @@ class QueryConfig:
     scope: Scope = "local"
     utility: Literal["concept", "same"] | None = None
     num_draws: int = 8
-    sample_steps: int = 25
+    sample_steps: int = 50
     sample_guidance: float = 3.0
     seed: int = 0
 

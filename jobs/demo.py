@@ -55,7 +55,7 @@ def _training_set(model_dir: Path, work: Path, num_train: int, image_size: int):
         seed=int(spec.get("seed", 0)),
     )
     rows = [row for _, row in zip(range(num_train), read_samples(str(data)), strict=False)]
-    images = torch.stack([torch.from_numpy(r["image"]).permute(2, 0, 1) for r in rows])
+    images = torch.stack([torch.tensor(r["image"]).permute(2, 0, 1) for r in rows])
     return images.float() / 127.5 - 1, [r["caption"] for r in rows], rows
 
 

@@ -1,0 +1,234 @@
+"""Precision@10 on a synthetic concept world where the answer is known (METHOD.md section 5).
+
+For every combination of the world (in-distribution and held out) and each of its attributes
+as the target concept, a query is the combination's prompt with that concept; a training
+image is relevant when it has the target attribute value. Local scope attributes N images the
+model generated for the prompt (optionally kept only when a classifier sees the intended
+combination, as the paper did); global scope samples the model under the prompt. Methods are
+named AttributionConfigs, so the ablation is the same loop over other configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctrak.attribution import Attributor, Query
+from ctrak.config import AttributionConfig, GradientConfig
+from ctrak.generation import generate_images
+from ctrak.model import DiffusionModel
+from pipeline.synthetic import classify, generate_world, read_samples, world_combos
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named attribution configuration (a method, or one step of the ablation)."""
+
+    name: str
+    config: AttributionConfig
+
+
+def method_variants(methods: Sequence[str], **overrides) -> list[Variant]:
+    """One Variant per method with the project's defaults (plus `overrides` on GradientConfig)."""
+    return [
+        Variant(m, AttributionConfig(gradient=GradientConfig(method=m, **overrides)))
+        for m in methods
+    ]
+
+
+def training_set(model_dir: Path, work: Path, num_train: int):
+    """The model's own training world (from its data_spec.json), first `num_train` rows:
+    (images (N, 3, H, W) in [-1, 1], captions, labels, spec)."""
+    spec = json.loads((Path(model_dir) / "data_spec.json").read_text())
+    data = work / f"data-{spec['world']}-{spec['image_size']}-{spec['num_images']}-{spec['seed']}"
+    generate_world(
+        spec["world"],
+        str(data),
+        num_images=spec["num_images"],
+        image_size=spec["image_size"],
+        shard_size=spec.get("shard_size", 1000),
+        seed=spec["seed"],
+    )
+    rows = [r for _, r in zip(range(num_train), read_samples(str(data)), strict=False)]
+    images = torch.stack([torch.tensor(r["image"]).permute(2, 0, 1) for r in rows])
+    return images.float() / 127.5 - 1, [r["caption"] for r in rows], [r["labels"] for r in rows]
+
+
+def query_images(
+    model: DiffusionModel,
+    world: str,
+    per_combo: int,
+    *,
+    seed: int = 1000,
+    guidance: float = 4.0,
+    steps: int = 50,
+    keep_only_correct: bool = True,
+    max_tries: int = 4,
+) -> dict[str, dict]:
+    """caption -> {"images": (n, 3, H, W), "generated": int, "kept": int}."""
+    out = {}
+    for i, combo in enumerate(world_combos(world)):
+        kept, generated = [], 0
+        for attempt in range(max_tries):
+            batch = generate_images(
+                model,
+                [combo.caption] * per_combo,
+                seed=seed + 97 * i + 7919 * attempt,
+                num_steps=steps,
+                guidance=guidance,
+            )
+            generated += per_combo
+            for image in batch:
+                array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                if not keep_only_correct or classify(array, world) == (combo.shape, combo.colour):
+                    kept.append(image)
+            if len(kept) >= per_combo or not keep_only_correct:
+                break
+        out[combo.caption] = {
+            "images": torch.stack(kept[:per_combo]) if kept else None,
+            "generated": generated,
+            "kept": min(len(kept), per_combo),
+            "heldout": combo.heldout,
+            "shape": combo.shape,
+            "colour": combo.colour,
+        }
+    return out
+
+
+def _features(attributor: Attributor, images, captions, cache: Path) -> torch.Tensor:
+    key = hashlib.sha256(
+        json.dumps([attributor.provenance(), captions], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = cache / f"features-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    features = attributor.featurize(images, captions, batch_size=16)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(features, tmp)
+    tmp.replace(path)
+    return features
+
+
+def evaluate(
+    model_dir: str | Path,
+    variants: Sequence[Variant],
+    *,
+    work: str | Path = "runs/eval",
+    num_train: int = 240,
+    per_combo: int = 4,
+    scopes: Sequence[str] = ("local", "global"),
+    global_draws: int = 8,
+    top_k: int = 10,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Precision@top_k per (variant, scope, combination, target). Returns a JSON-able dict."""
+    work = Path(work)
+    model = DiffusionModel.load(model_dir)
+    images, captions, labels = training_set(Path(model_dir), work, num_train)
+    world = json.loads((Path(model_dir) / "data_spec.json").read_text())["world"]
+    queries = query_images(model, world, per_combo) if "local" in scopes else {}
+    for caption, q in queries.items():
+        log(f"query images for {caption!r}: kept {q['kept']} of {q['generated']} generated")
+    records = []
+    for variant in variants:
+        start = time.perf_counter()
+        attributor = Attributor(model, variant.config)
+        features = _features(attributor, images, captions, work / "cache")
+        kernel = attributor.fit(features)
+        featurize_s = time.perf_counter() - start
+        for scope in scopes:
+            query_cfg = replace(variant.config.query, scope=scope, num_draws=global_draws)
+            attributor.config = replace(variant.config, query=query_cfg)
+            for combo in world_combos(world):
+                for attr, value in (("shape", combo.shape), ("colour", combo.colour)):
+                    if scope == "local":
+                        q = queries[combo.caption]
+                        if q["images"] is None:
+                            continue
+                        batch = [
+                            Query(combo.caption, concept=value, image=img[None])
+                            for img in q["images"]
+                        ]
+                    else:
+                        batch = [Query(combo.caption, concept=value)]
+                    top = attributor.attribute(batch, features, kernel, top_k=top_k)
+                    precision = [
+                        float(np.mean([labels[i][attr] == value for i in idx]))
+                        for idx in top.indices.tolist()
+                    ]
+                    records.append(
+                        {
+                            "variant": variant.name,
+                            "scope": scope,
+                            "prompt": combo.caption,
+                            "heldout": combo.heldout,
+                            "target": value,
+                            "attribute": attr,
+                            "precision": float(np.mean(precision)),
+                            "queries": len(precision),
+                        }
+                    )
+            attributor.config = variant.config
+        log(
+            f"{variant.name}: featurized {len(captions)} in {featurize_s:.0f}s; "
+            + ", ".join(
+                f"{s} ID {_mean(records, variant.name, s, False):.2f} "
+                f"OOD {_mean(records, variant.name, s, True):.2f}"
+                for s in scopes
+            )
+        )
+    return {
+        "model": str(model_dir),
+        "num_train": num_train,
+        "per_combo": per_combo,
+        "top_k": top_k,
+        "queries": {c: {k: v for k, v in q.items() if k != "images"} for c, q in queries.items()},
+        "variants": {v.name: v.config.provenance() for v in variants},
+        "records": records,
+    }
+
+
+def _mean(records, variant: str, scope: str, heldout: bool) -> float:
+    values = [
+        r["precision"]
+        for r in records
+        if r["variant"] == variant and r["scope"] == scope and r["heldout"] == heldout
+    ]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def markdown_table(result: dict, top_k: int = 10) -> str:
+    """The paper's layout: mean P@k per scenario (ID / OOD) per scope, then per concept."""
+    records = result["records"]
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    scopes = list(dict.fromkeys(r["scope"] for r in records))
+    head = " | ".join(f"{s} ID | {s} OOD" for s in scopes)
+    lines = [f"| method | {head} |", "|---" * (1 + 2 * len(scopes)) + "|"]
+    for v in variants:
+        cells = " | ".join(
+            f"{_mean(records, v, s, False):.2f} | {_mean(records, v, s, True):.2f}" for s in scopes
+        )
+        lines.append(f"| {v} | {cells} |")
+    lines += ["", f"Per concept (P@{top_k}; prompt / target):", ""]
+    keys = list(dict.fromkeys((r["prompt"], r["target"], r["heldout"]) for r in records))
+    header = " | ".join(f"{p} / {t}{' (OOD)' if h else ''}" for p, t, h in keys)
+    for scope in scopes:
+        lines += [f"| {scope} | {header} |", "|---" * (1 + len(keys)) + "|"]
+        for v in variants:
+            by_key = {
+                (r["prompt"], r["target"], r["heldout"]): r["precision"]
+                for r in records
+                if r["variant"] == v and r["scope"] == scope
+            }
+            cells = " | ".join(f"{by_key[k]:.2f}" if k in by_key else "-" for k in keys)
+            lines.append(f"| {v} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
