@@ -30,7 +30,7 @@ from ctrak.generation import sample
 from ctrak.gradients import normalize_rows, per_sample_grads
 from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
 from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve
-from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs
+from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs, dps_loss
 from ctrak.model import DiffusionModel
 from ctrak.projection import Projector
 from ctrak.seeds import generator
@@ -140,23 +140,36 @@ class Attributor:
         ok = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         for t, (x_t, noise) in sorted(states.items()):
             abar_t = float(self.model.alphas_cumprod[t])
-            term = loss(LossInputs(self._eps, x_t, t, abar_t, cond, x0, noise, negative))
-            if isinstance(self.projector, FactoredProjector):
-                g, sq = factored_grads(
-                    self._eps, self.projector, term.objective, x_t, t, cond, term.target
-                )  # (B, M) layer projections, exact squared norms (B,)
-            else:
-                g = per_sample_grads(
-                    self._eps, self.params, term.objective, x_t, t, cond, term.target
-                )
-                sq = None  # (B, D) full gradients
+            inputs = LossInputs(self._eps, x_t, t, abar_t, cond, x0, noise, negative)
+            g, sq = self._timestep_gradient(loss, inputs)
             if normalize:
                 g, ok_t = normalize_rows(g, sq)
-                ok &= ok_t
             else:
-                ok &= torch.isfinite(g).all(1)
+                ok_t = torch.isfinite(g).all(1)
+            ok &= ok_t
             total += g
         return total, ok
+
+    def _timestep_gradient(
+        self, loss: Callable, inp: LossInputs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One timestep: (g (B, D) full gradients, None) on the exact path; (g (B, M) layer
+        projections, exact ||g||^2 (B,)) on the factored path."""
+        if not isinstance(self.projector, FactoredProjector):
+            term = loss(inp)
+            g = per_sample_grads(
+                self._eps, self.params, term.objective, inp.x_t, inp.t, inp.cond, term.target
+            )
+            return g, None
+        if loss is dps_loss:  # the DPS direction and the parameter gradient share one forward
+            dps = (inp.x0, inp.abar_t)
+            return factored_grads(
+                self._eps, self.projector, None, inp.x_t, inp.t, inp.cond, None, dps=dps
+            )
+        term = loss(inp)
+        return factored_grads(
+            self._eps, self.projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
+        )
 
     def featurize_batch(
         self, images: torch.Tensor, captions: Sequence[str]

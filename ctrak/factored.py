@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctrak.errors import ConfigError
+from ctrak.losses import dps_from_graph
 from ctrak.numerics import upcast
 from ctrak.projection import Projector
 from ctrak.seeds import generator
@@ -232,17 +233,29 @@ def factored_grads(
     x_t: torch.Tensor,
     t: int,
     cond: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | None,
+    dps: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched forward + one backward -> (layer-projected grads (B, M), ||g||^2 (B,)).
 
     Samples are independent in the network (no batch statistics), so the gradient of the
-    summed loss w.r.t. a layer output holds each sample's own delta."""
+    summed loss w.r.t. a layer output holds each sample's own delta. With dps=(x0, abar_t)
+    the DPS loss is fused into the same forward: v = -grad_x ||x0_hat - x0||^2 by a first
+    backward, then dL/d eps = 2 v (L = ||sg[eps - v] - eps||^2) by the second; `objective`
+    and `target` are then unused."""
     with capture(projector.layers) as cap, torch.enable_grad():
-        out = eps(x_t.detach(), t, cond.detach())
-        loss = objective(out, target).sum()
+        if dps is None:
+            out = eps(x_t.detach(), t, cond.detach())
+            roots, cotangents = [objective(out, target).sum()], None
+        else:
+            x = upcast(x_t.detach()).requires_grad_(True)
+            out = eps(x, t, cond.detach())
+            v = dps_from_graph(out, x, dps[0], dps[1], retain_graph=True)
+            roots, cotangents = [out], [2 * v]
         names = list(cap.outputs)
-        grads = torch.autograd.grad(loss, [cap.outputs[n] for n in names], allow_unused=True)
+        grads = torch.autograd.grad(
+            roots, [cap.outputs[n] for n in names], cotangents, allow_unused=True
+        )
     deltas = dict(zip(names, grads, strict=True))
     B, dtype = x_t.shape[0], upcast(x_t).dtype
     sq = torch.zeros(B, dtype=dtype, device=x_t.device)

@@ -68,19 +68,29 @@ class LossTerm:
     target: torch.Tensor  # (B, C, h, w), float32, no grad
 
 
+def dps_from_graph(
+    eps: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, abar_t: float, retain_graph: bool = False
+) -> torch.Tensor:
+    """v (B, C, h, w) = -grad_x ||x0_hat - x0||^2 for eps = eps_theta(x) still in the graph.
+
+    Samples are independent in the network, so the gradient of the summed error is each
+    sample's own gradient."""
+    # 1. Tweedie estimate of x0
+    x0_hat = (x - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    # 2. reconstruction error per sample, 3. its gradient w.r.t. x_t
+    error = (x0_hat - upcast(x0)).pow(2).flatten(1).sum(1)  # (B,)
+    (grad_x,) = torch.autograd.grad(error.sum(), x, retain_graph=retain_graph)
+    return -grad_x
+
+
 def dps_direction(inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps, v), both (B, C, h, w) float32: v = -grad_{x_t} ||x0_hat - x0||^2 per sample,
-    backpropagated through the frozen network. Samples are independent, so the gradient of
-    the summed error is each sample's own gradient."""
+    """(eps, v), both (B, C, h, w), at least float32, backpropagated through the frozen
+    network: v = -grad_{x_t} ||x0_hat - x0||^2 per sample."""
     x = upcast(inp.x_t.detach()).requires_grad_(True)
     with torch.enable_grad():
         eps = inp.eps(x, inp.t, inp.cond)
-        # 1. Tweedie estimate of x0
-        x0_hat = (x - (1 - inp.abar_t) ** 0.5 * eps) / inp.abar_t**0.5
-        # 2. reconstruction error per sample, 3. its gradient w.r.t. x_t
-        error = (x0_hat - upcast(inp.x0)).pow(2).flatten(1).sum(1)  # (B,)
-        (grad_x,) = torch.autograd.grad(error.sum(), x)
-    return eps.detach(), -grad_x
+        v = dps_from_graph(eps, x, inp.x0, inp.abar_t)
+    return eps.detach(), v
 
 
 def dps_loss(inp: LossInputs) -> LossTerm:

@@ -114,3 +114,20 @@ def test_split_module_filter_is_refused(pixel_model64):
     params = {n: p for n, p in pixel_model64.unet.named_parameters() if n == "conv_out.weight"}
     with pytest.raises(ConfigError, match="splits module conv_out"):
         FactoredProjector(pixel_model64.unet, params, k=8)
+
+
+def test_fused_dps_forward_equals_separate_passes(latent_model64):
+    """The DPS direction and the parameter gradient from one forward == the two-pass path."""
+    model = latent_model64
+    params = model.attributed_parameters(("attn2",))
+    projector = FactoredProjector(model.unet, params, k=16, seed=1, k_side=4)
+    inp = _inputs(model)
+    term = TRAINING_LOSSES["concept-trak"](inp)
+    separate = factored_grads(
+        model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
+    )
+    fused = factored_grads(
+        model.eps, projector, None, inp.x_t, inp.t, inp.cond, None, dps=(inp.x0, inp.abar_t)
+    )
+    for a, b in zip(fused, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
