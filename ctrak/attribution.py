@@ -98,6 +98,7 @@ class Attributor:
         """What a stored feature depends on: model, settings, parameter layout, code version."""
         return {
             "model": self.model.fingerprint,
+            "model_dtype": str(self.model.dtype).removeprefix("torch."),
             **self.config.provenance(),
             "param_layout": self.projector.layout_hash,
             "num_params": self.projector.dim,

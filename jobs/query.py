@@ -1,0 +1,137 @@
+"""`ctrak query`: the training images that taught a concept, from a feature store, on Ray.
+
+One query from flags, or several from a file (TOML `[[queries]]` tables or JSON lines with
+prompt / concept / negative / image), all scored in one pass over the store. Prints a table
+per query (rank, score, key, shard, caption, metadata); --json writes the same.
+
+    ctrak query --config jobs/configs/dev-local.toml --prompt "a red triangle" \
+        --concept triangle --image query.png --top-k 10 --json hits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jobs.config import add_config_arguments, config_from_args
+from jobs.featurize import write_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "query",
+        help="top-k training images for a concept, from a feature store (Ray)",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--prompt", help='the prompt c, e.g. "a red triangle"')
+    parser.add_argument("--concept", help="the target concept in the prompt (default: all)")
+    parser.add_argument("--negative", help="c-: the prompt without the concept (derived)")
+    parser.add_argument("--image", metavar="PNG", help="query image (local scope)")
+    parser.add_argument(
+        "--scope",
+        choices=["local", "global"],
+        help="local: invert --image; global: sample images from the prompt",
+    )
+    parser.add_argument("--top-k", type=int, help="hits per query (default job.top_k)")
+    parser.add_argument("--queries", metavar="FILE", help="several queries (.toml or .jsonl)")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def read_queries_file(path: str) -> list[dict]:
+    """[[queries]] tables of a TOML file, or one JSON object per line; image paths are
+    relative to the file."""
+    from ctrak.errors import ConfigError
+    from jobs.config import tomllib
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"queries file {path} does not exist") from None
+    try:
+        if file.suffix == ".toml":
+            items = tomllib.loads(text).get("queries", [])
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"queries file {path}: {err}") from None
+    allowed = {"prompt", "concept", "negative", "image"}
+    for item in items:
+        if not isinstance(item, dict) or set(item) - allowed or "prompt" not in item:
+            raise ConfigError(f"queries file {path}: {item!r} needs a prompt and only {allowed}")
+        if item.get("image"):
+            item["image"] = str(file.parent / item["image"])
+    if not items:
+        raise ConfigError(f"queries file {path} holds no queries")
+    return items
+
+
+def make_specs(args: argparse.Namespace) -> list:
+    from ctrak.errors import ConfigError
+    from pipeline.query import QuerySpec, load_query_image
+
+    if args.queries:
+        items = read_queries_file(args.queries)
+    elif args.prompt:
+        items = [
+            {
+                "prompt": args.prompt,
+                "concept": args.concept,
+                "negative": args.negative,
+                "image": args.image,
+            }
+        ]
+    else:
+        raise ConfigError("give --prompt (with --concept, --image) or --queries FILE")
+    return [
+        QuerySpec(
+            prompt=item["prompt"],
+            concept=item.get("concept"),
+            negative=item.get("negative"),
+            image=load_query_image(item["image"]) if item.get("image") else None,
+            image_path=item.get("image") or "",
+        )
+        for item in items
+    ]
+
+
+def format_table(results) -> str:
+    """One block per query: rank, score, key, shard, caption, metadata (shortened)."""
+    lines = []
+    for j, result in enumerate(results, 1):
+        q = result.query
+        label = f'query {j}: "{q.prompt}"' + (f' concept="{q.concept}"' if q.concept else "")
+        lines.append(label + (f" image={q.image_path}" if q.image_path else ""))
+        lines.append(
+            f"{'rank':>4}  {'score':>11}  {'key':<12} {'shard':<8} {'caption':<28} metadata"
+        )
+        for h in result.hits:
+            meta = json.dumps(h.metadata, sort_keys=True) if h.metadata is not None else "-"
+            meta = meta if len(meta) <= 48 else meta[:45] + "..."
+            lines.append(
+                f"{h.rank:>4}  {h.score:>11.5g}  {h.key:<12} {h.shard:<8} "
+                f"{h.caption[:28]:<28} {meta}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ray_session
+    from pipeline.query import run_queries
+
+    if args.scope:
+        args.overrides = [*args.overrides, f'attribution.query.scope="{args.scope}"']
+    config = config_from_args(args)
+    specs = make_specs(args)
+    with ray_session(config.ray):
+        results, info = run_queries(config, specs, top_k=args.top_k)
+    print(format_table(results))
+    print(
+        f"query: {len(specs)} quer{'y' if len(specs) == 1 else 'ies'} over {info['rows']} "
+        f"rows in {info['shards']} shard(s), {info['seconds']:.1f} s -> {info['store']}"
+    )
+    write_json(args.json, {**info, "results": [r.to_dict() for r in results]})
+    return 0

@@ -1,0 +1,30 @@
+"""`ctrak reindex`: bring an existing feature store up to date with its data URI, on Ray.
+
+Featurizes only the shards of job.data that the store has no done-marker for, adds their
+partial Grams to the stored Fisher and refactorises it. Refuses a store made with another
+model, method or projection (ProvenanceMismatchError, naming what differs). Meant to run on a
+schedule (infra/kuberay/reindex-cronjob.yaml); a run with nothing new does no work.
+
+    ctrak reindex --config jobs/configs/laion-sd15.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.config import add_config_arguments
+from jobs.featurize import run_ingest
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reindex",
+        help="featurize the shards a feature store lacks and refresh its Fisher (Ray)",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_ingest(args, create=False, verb="reindex")

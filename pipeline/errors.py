@@ -1,0 +1,41 @@
+"""Named errors of the distributed pipeline. Each says what is wrong and how to fix it.
+
+They subclass `ctrak.errors.CtrakError`, so the `ctrak` command reports them as one line
+(`error: ProvenanceMismatchError: ...`) with exit code 2. No message ever holds a credential.
+"""
+
+from __future__ import annotations
+
+from ctrak.errors import CtrakError
+
+
+class StorageError(CtrakError):
+    """A data or store URI cannot be listed, read or written (missing, forbidden, bad name)."""
+
+
+class NoShardsError(StorageError):
+    """The data URI holds no WebDataset `.tar` shards."""
+
+
+class StoreNotFoundError(StorageError):
+    """The feature store (its store.json) does not exist where a job expects one."""
+
+
+class StoreCorruptError(StorageError):
+    """A stored file does not match the checksum its done-marker recorded."""
+
+
+class ProvenanceMismatchError(CtrakError):
+    """The store (or a worker's model) was made with other settings than this job's."""
+
+
+class StaleFisherError(CtrakError):
+    """The stored Fisher does not cover exactly the store's finished shards."""
+
+
+class RejectBudgetError(CtrakError):
+    """More rows were rejected (undecodable, wrong size, ...) than the job's error budget."""
+
+
+class ShardReadError(StorageError):
+    """One or more input shards could not be read as tar files; they stay pending."""

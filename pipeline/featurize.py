@@ -1,0 +1,68 @@
+"""The featurize stage: a Ray Data callable class running the Concept-TRAK engine.
+
+    phi_i = P^T sum_t normalise(grad_theta L_DPS(z_i; x_t))        (METHOD.md section 2)
+
+`__init__` loads the model and builds the `Attributor` once per actor, and refuses to run
+when its model or settings differ from the store's (a worker with another copy of the model
+would otherwise write features that mean something else). `__call__` turns a record batch
+(see `pipeline/shards.py`) into feature rows: the images and per-sample gradients never leave
+the actor, only phi (B, k) does. Rejected and end-of-shard records pass through untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ctrak.attribution import Attributor
+from ctrak.config import AttributionConfig
+from ctrak.model import DiffusionModel
+from pipeline.store import check_provenance
+
+PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count")
+REJECT_NUMERICS = "non-finite or zero-norm gradient"
+
+
+def load_attributor(model_path: str, config: AttributionConfig) -> Attributor:
+    """The engine on this worker's device (cuda when Ray gave it a GPU, else cpu)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Attributor(DiffusionModel.load(model_path, device=device), config)
+
+
+def describe_model(model_path: str, config: AttributionConfig) -> dict:
+    """{"provenance": what the features depend on, "image_size": S} (run as a Ray task)."""
+    attributor = load_attributor(model_path, config)
+    return {"provenance": attributor.provenance(), "image_size": attributor.model.image_size}
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [-1, 1] (pixel / 127.5 - 1)."""
+    pixels = torch.from_numpy(np.array(images, dtype=np.uint8))  # a writable copy
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class Featurizer:
+    """map_batches(Featurizer, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=N))."""
+
+    def __init__(self, model_path: str, config: AttributionConfig, expected: dict) -> None:
+        self.attributor = load_attributor(model_path, config)
+        check_provenance(expected, self.attributor.provenance(), where=f"model {model_path}")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """records (B,) -> {shard, row, key, caption, metadata, count, reason (B,),
+        feature (B, k) float32}; feature rows of rejected records are zero."""
+        k = self.attributor.config.projection.k
+        reason = np.array(batch["reason"], dtype=object)
+        good = np.flatnonzero((batch["row"] >= 0) & (reason == ""))  # (G,)
+        feature = np.zeros((len(reason), k), np.float32)  # (B, k)
+        if len(good):
+            images = images_to_tensor(batch["image"][good])  # (G, 3, S, S)
+            captions = [str(c) for c in batch["caption"][good]]
+            phi, ok = self.attributor.featurize_batch(images, captions)  # (G, k), (G,)
+            feature[good] = phi.detach().cpu().numpy()
+            reason[good[~ok.cpu().numpy()]] = REJECT_NUMERICS
+        return {
+            **{name: batch[name] for name in PASS_THROUGH},
+            "reason": reason,
+            "feature": feature,
+        }

@@ -1,0 +1,224 @@
+"""Featurize and reindex: stream the shards a store lacks through Ray Data into the store.
+
+    pending shard URIs --from_items--> decode (CPU task per shard, pipeline/shards.py)
+        --map_batches--> Featurizer (fixed actor pool, GPU each when the cluster has GPUs)
+        --iter_batches--> driver: when all records of a shard have arrived, write its features,
+        partial Gram, rejects and marker (pipeline/store.py); then refresh the Fisher
+
+Only k-dim feature rows reach the driver. A shard is written as soon as it is complete, so a
+crash loses at most the shards in flight, and a rerun featurizes only shards without a
+marker: a rerun of a finished job does no featurization and rewrites no file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
+from pipeline.config import PipelineConfig, StorageConfig
+from pipeline.errors import RejectBudgetError, ShardReadError
+from pipeline.featurize import Featurizer, describe_model
+from pipeline.fisher import update_fisher
+from pipeline.shards import ShardRef, decode_shard, list_shards
+from pipeline.store import FeatureStore
+
+log = logging.getLogger("ctrak.ingest")
+DECODE_MEMORY = 512 << 20  # bytes reserved per decode task (a streamed tar + one batch)
+
+
+@dataclass
+class IngestSummary:
+    store: str
+    shards: int = 0  # in the data URI
+    skipped: int = 0  # already finished in the store
+    written: int = 0  # featurized and written by this run
+    failed: list[str] = field(default_factory=list)  # unreadable tars, still pending
+    rows: int = 0  # featurized rows written by this run
+    rejected: int = 0  # rejected rows recorded by this run
+    fisher_grams_added: int = 0
+    seconds: float = 0.0  # whole job
+    featurize_seconds: float = 0.0  # from the first shard read to the last shard written
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows / self.featurize_seconds if self.featurize_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "samples_per_s": round(self.samples_per_s, 3)}
+
+
+class Record(NamedTuple):
+    """One streamed sample record of a shard; reason "" = featurized, else rejected."""
+
+    row: int
+    key: str
+    caption: str
+    metadata: str
+    reason: str
+    feature: np.ndarray  # (k,) float32, zeros when rejected
+
+
+class ShardAssembler:
+    """Collects the streamed records of each shard until all of them (count + end) arrived.
+    Records are keyed by row, so a record delivered twice (a retried task) counts once."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[int, Record]] = {}
+        self.ends: dict[str, tuple[int, str]] = {}  # shard -> (record count, failure)
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, list[Record]]]:
+        """Add a batch; return [(shard, failure, records sorted by row)] of completed shards."""
+        touched = set()
+        for i, shard in enumerate(batch["shard"]):
+            row = int(batch["row"][i])
+            touched.add(shard)
+            if row < 0:  # the end record
+                self.ends[shard] = (int(batch["count"][i]), str(batch["reason"][i]))
+                continue
+            self.records.setdefault(shard, {})[row] = Record(
+                row,
+                *(str(batch[name][i]) for name in ("key", "caption", "metadata", "reason")),
+                batch["feature"][i],
+            )
+        done = []
+        for shard in sorted(touched):
+            got = self.records.get(shard, {})
+            if shard in self.ends and len(got) == self.ends[shard][0]:
+                _, failure = self.ends.pop(shard)
+                done.append((shard, failure, [got[r] for r in sorted(got)]))
+                self.records.pop(shard, None)
+        return done
+
+
+def split_records(records: list[Record], k: int) -> tuple[dict, np.ndarray, list[dict]]:
+    """Sorted records -> (columns of the featurized rows, features (n, k) float32, rejects)."""
+    good = [r for r in records if not r.reason]
+    columns = {
+        name: [getattr(r, name) for r in good] for name in ("row", "key", "caption", "metadata")
+    }
+    features = np.stack([r.feature for r in good]) if good else np.zeros((0, k))  # (n, k)
+    rejects = [{"row": r.row, "key": r.key, "reason": r.reason} for r in records if r.reason]
+    return columns, features.astype(np.float32), rejects
+
+
+def build_dataset(
+    pending: list[ShardRef], config: PipelineConfig, storage: StorageConfig, described: dict
+):
+    """The lazy Ray dataset: shard items -> decoded records -> feature records."""
+    import ray
+
+    job = config.job
+    items = [{"shard": s.id, "uri": s.uri} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one task per shard
+    ds = ds.map_batches(
+        decode_shard,
+        batch_size=1,
+        fn_kwargs={"storage": storage, "image_size": described["image_size"]},
+        num_cpus=1,
+        # a memory reservation unlike the actor stage's: Ray fuses map stages only when
+        # their resources agree, so this keeps decoding out of the (GPU) actors
+        memory=DECODE_MEMORY,
+    )
+    resources = {"num_gpus": 1} if cluster_has_gpus() else {"num_cpus": 1}
+    return ds.map_batches(
+        Featurizer,
+        batch_size=job.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=job.actors),
+        fn_constructor_kwargs={
+            "model_path": job.model,
+            "config": config.attribution,
+            "expected": described["provenance"],
+        },
+        **resources,
+    )
+
+
+def _check_budget(
+    totals: list[int], shard_rows: int, shard_rejects: list[dict], budget: float, shard: str
+) -> None:
+    """totals = [rows, rejected] of the store so far; raise before writing a shard that would
+    take the store's rejected fraction over the budget."""
+    rejected = totals[1] + len(shard_rejects)
+    seen = totals[0] + totals[1] + shard_rows + len(shard_rejects)
+    if seen and rejected / seen > budget:
+        reasons = sorted({r["reason"] for r in shard_rejects})[:3]
+        raise RejectBudgetError(
+            f"{rejected} of {seen} rows in the store would be rejected ({rejected / seen:.1%}) "
+            f"> job.max_reject_fraction={budget}; shard {shard} not written; its reasons: "
+            f"{reasons}. Fix the data (or the model's image size), or raise "
+            "job.max_reject_fraction"
+        )
+
+
+def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> IngestSummary:
+    """Featurize the shards of job.data that job.store lacks, then refresh the Fisher.
+    create=False (reindex) requires the store to exist. Runs inside `ray_session`."""
+    job = config.job
+    job.require("data", "store", "model")
+    storage = config.storage.resolved()
+    start = time.perf_counter()
+    summary = IngestSummary(store=job.store)
+    store = FeatureStore(job.store, storage)
+    if not create:
+        store.metadata()  # StoreNotFoundError before any model is loaded
+    # 1. the shards of the data URI
+    shards = {s.id: s for s in list_shards(job.data, storage)}
+    # 2. what this model and these settings make; refuse a store made otherwise
+    described = remote_call(describe_model, job.model, config.attribution)
+    store.open(described["provenance"], job.feature_dtype, create=create)
+    # 3. the shards without a done-marker in the store
+    entries = store.entries()  # {id: ShardEntry} of the finished shards
+    pending = [s for s in shards.values() if s.id not in entries]
+    totals = [sum(e.rows for e in entries.values()), sum(e.rejects for e in entries.values())]
+    summary.shards, summary.skipped = len(shards), len(shards) - len(pending)
+    log.info(
+        "featurize: %d shard(s), %d already in %s, %d to do",
+        len(shards),
+        summary.skipped,
+        job.store,
+        len(pending),
+    )
+    # 4. stream them through decode -> featurize; write each shard as soon as it is complete
+    if pending:
+        from tqdm import tqdm
+
+        k = config.attribution.projection.k
+        assembler = ShardAssembler()
+        bar = tqdm(total=len(pending), unit="shard", desc="shards written", disable=not progress)
+        t0 = time.perf_counter()
+        ds = build_dataset(pending, config, storage, described)
+        with named_errors():
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for shard, failure, records in assembler.add(batch):
+                    if failure:
+                        log.warning("shard %s: %s (left pending)", shard, failure)
+                        summary.failed.append(shard)
+                        continue
+                    columns, features, rejects = split_records(records, k)
+                    _check_budget(totals, len(features), rejects, job.max_reject_fraction, shard)
+                    entries[shard] = store.write_shard(
+                        shards[shard], columns, features, rejects, job.feature_dtype
+                    )
+                    totals[0] += len(features)
+                    totals[1] += len(rejects)
+                    summary.written += 1
+                    summary.rows += len(features)
+                    summary.rejected += len(rejects)
+                    bar.update(1)
+                    bar.set_postfix(rows=summary.rows, rejected=summary.rejected)
+        bar.close()
+        summary.featurize_seconds = time.perf_counter() - t0
+    # 5. add the new shards' partial Grams and refactorise
+    _, summary.fisher_grams_added = update_fisher(store, config.attribution.damping_ratio, entries)
+    summary.seconds = time.perf_counter() - start
+    if summary.failed:
+        raise ShardReadError(
+            f"{len(summary.failed)} shard(s) could not be read as tar files: "
+            f"{sorted(summary.failed)[:5]}; replace them and rerun `ctrak reindex`"
+        )
+    return summary

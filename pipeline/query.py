@@ -1,0 +1,227 @@
+"""Query: scatter the solved concept direction over the feature shards, gather the top-k.
+
+    g_q = concept gradient (k,), once per query          (on a worker holding the model)
+    x_q = (K + lambda I)^-1 g_q, once per query           (Cholesky of the stored Fisher)
+    I(z_i, q) = x_q^T phi_i                               (per block, map_batches)
+
+Several queries share one pass: x (q, k) goes to every block, each block keeps its top-k per
+query, and the driver merges those with `ctrak.topk.merge_topk` (exact: merge of per-block
+top-k == global top-k). Rows carry a global id shard_index * 2^32 + row (shards in sorted id
+order), which breaks score ties the same way the single-process engine does on features
+concatenated in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ctrak.attribution import Query
+from ctrak.config import AttributionConfig
+from ctrak.errors import ConfigError, ImageShapeError
+from ctrak.kernel import scores, solve
+from ctrak.topk import TopK, merge_topk, topk
+from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
+from pipeline.config import PipelineConfig
+from pipeline.featurize import images_to_tensor, load_attributor
+from pipeline.fisher import current_kernel
+from pipeline.store import FeatureStore, check_provenance, table_features
+
+ROW_BITS = 32  # global id = shard_index << 32 | row
+HIT_COLUMNS = ("key", "shard", "row", "caption", "metadata")
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One query: prompt c, target concept, negative c-, and for local scope the query image
+    (S, S, 3) uint8 (`image_path` only labels the report)."""
+
+    prompt: str
+    concept: str | None = None
+    negative: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    image_path: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    key: str
+    shard: str
+    row: int
+    score: float
+    caption: str
+    metadata: dict | None
+
+
+@dataclass
+class QueryResult:
+    query: QuerySpec
+    hits: list[Hit]
+
+    def to_dict(self) -> dict:
+        q = self.query
+        spec = {
+            "prompt": q.prompt,
+            "concept": q.concept,
+            "negative": q.negative,
+            "image": q.image_path or None,
+        }
+        return {"query": spec, "hits": [asdict(h) for h in self.hits]}
+
+
+def load_query_image(path: str) -> np.ndarray:
+    """A query image file -> (H, W, 3) uint8. ImageShapeError unless it decodes as RGB (the
+    model checks its size); ConfigError when the file is missing."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ImageShapeError(f"{path}: image mode is {image.mode}; save it as RGB")
+            return np.asarray(image, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise ConfigError(f"query image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageShapeError(f"query image {path} does not decode: {err}") from None
+
+
+def check_specs(specs: list[QuerySpec], config: AttributionConfig, top_k: int) -> None:
+    """Fail before any work: no queries, a bad top-k, or local scope without an image."""
+    if not specs:
+        raise ConfigError("no queries: give at least one prompt")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+    if config.query.scope == "local":
+        missing = [s.prompt for s in specs if s.image is None]
+        if missing:
+            raise ConfigError(
+                f"local scope needs a query image for {missing}; pass --image PNG, or "
+                "--scope global to sample images from the prompt"
+            )
+
+
+def query_gradients(
+    model_path: str, config: AttributionConfig, specs: list[QuerySpec], expected: dict
+) -> np.ndarray:
+    """g (q, k) float32: each query's concept gradient (run as a Ray task)."""
+    attributor = load_attributor(model_path, config)
+    check_provenance(expected, attributor.provenance(), where=f"model {model_path}")
+    rows = []
+    for spec in specs:
+        image = None if spec.image is None else images_to_tensor(spec.image[None])
+        query = Query(spec.prompt, spec.concept, spec.negative, image)
+        rows.append(attributor.query_gradient(query).detach().cpu())
+    return torch.stack(rows).numpy()
+
+
+def score_block(
+    batch: pa.Table, *, x: np.ndarray, top_k: int, shard_index: dict[str, int]
+) -> pa.Table:
+    """A block of feature rows (n,) and x (q, k) -> its top-k rows per query, flattened:
+    query, gid, score + the hit columns (q * min(top_k, n) rows)."""
+    shard = batch.column("shard").to_pylist()
+    row = batch.column("row").to_numpy()
+    gid = np.array([shard_index[s] for s in shard], np.int64) << ROW_BITS | row  # (n,)
+    order = np.argsort(gid, kind="stable")  # ascending gid: ties resolve like the engine
+    batch, gid = batch.take(pa.array(order)), gid[order]
+    phi = torch.from_numpy(table_features(batch))  # (n, k) stored dtype
+    s = scores(phi, torch.tensor(x))  # (q, n) float64 (x arrives read-only)
+    best = topk(s, top_k)  # values/indices (q, m), indices local
+    q, m = best.indices.shape
+    local = best.indices.reshape(-1).numpy()  # (q * m,)
+    picked = batch.take(pa.array(local))
+    return pa.table(
+        {
+            "query": np.repeat(np.arange(q), m),
+            "gid": gid[local],
+            "score": best.values.reshape(-1).numpy(),
+            **{name: picked.column(name) for name in HIT_COLUMNS},
+        }
+    )
+
+
+def gather(candidates: pa.Table, num_queries: int, top_k: int) -> list[list[dict]]:
+    """Per-block candidates -> per query, the global top-k rows in rank order."""
+    out = []
+    query = candidates.column("query").to_numpy()
+    for j in range(num_queries):
+        rows = candidates.filter(pa.array(query == j))
+        values = np.array(rows.column("score").to_numpy(), np.float64)  # (c,) candidates
+        gids = np.array(rows.column("gid").to_numpy(), np.int64)  # (c,)
+        part = TopK(torch.from_numpy(values)[None], torch.from_numpy(gids)[None])
+        best = merge_topk([part], top_k)
+        by_gid = {int(g): i for i, g in enumerate(gids)}
+        picked = [by_gid[int(g)] for g in best.indices[0]]
+        out.append(rows.take(pa.array(picked, pa.int64())).to_pylist())
+    return out
+
+
+def run_queries(
+    config: PipelineConfig, specs: list[QuerySpec], top_k: int | None = None
+) -> tuple[list[QueryResult], dict]:
+    """Attribute every query against the store; returns (results, run info). Runs inside
+    `ray_session`."""
+    import ray
+
+    job = config.job
+    job.require("store", "model")
+    top_k = top_k or job.top_k
+    check_specs(specs, config.attribution, top_k)
+    start = time.perf_counter()
+    store = FeatureStore(job.store, config.storage.resolved())
+    meta = store.metadata()
+    # 1. the Fisher of exactly the finished shards
+    kernel, info = current_kernel(store, config.attribution.damping_ratio)
+    # 2. g (q, k), once per query, by a worker whose model matches the store
+    g = remote_call(
+        query_gradients,
+        job.model,
+        config.attribution,
+        specs,
+        meta["provenance"],
+        num_gpus=1 if cluster_has_gpus() else 0,
+    )
+    # 3. x = (K + lambda I)^-1 g, solved once: (q, k)
+    x = solve(kernel, torch.from_numpy(np.array(g, np.float32))).numpy()
+    # 4. scatter x over the feature shards; top-k per block; gather on the driver
+    shard_ids = sorted(info["shards"])
+    shard_index = {s: i for i, s in enumerate(shard_ids)}
+    ds = ray.data.read_parquet(store.feature_paths(shard_ids), filesystem=store.fs)
+    ds = ds.map_batches(
+        score_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"x": x, "top_k": top_k, "shard_index": shard_index},
+    )
+    with named_errors():
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    candidates = pa.concat_tables(blocks)
+    results = []
+    for spec, rows in zip(specs, gather(candidates, len(specs), top_k), strict=True):
+        hits = [
+            Hit(
+                rank=r + 1,
+                key=h["key"],
+                shard=h["shard"],
+                row=int(h["row"]),
+                score=float(h["score"]),
+                caption=h["caption"],
+                metadata=json.loads(h["metadata"]) if h["metadata"] else None,
+            )
+            for r, h in enumerate(rows)
+        ]
+        results.append(QueryResult(spec, hits))
+    run = {
+        "store": job.store,
+        "shards": len(shard_ids),
+        "rows": info["rows"],
+        "lambda": kernel.lam,
+        "seconds": time.perf_counter() - start,
+    }
+    return results, run

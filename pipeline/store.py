@@ -1,0 +1,266 @@
+"""The feature store: the one home of its paths, writes, reads and provenance check.
+
+    <store>/store.json               provenance (model hash, method, timesteps, inversion,
+                                     projection seed/k/kind, code version) + feature dtype
+    <store>/features/<shard>.parquet key, shard, row, caption, metadata,
+                                     feature fixed_size_list<float16|float32>[k]
+    <store>/grams/<shard>.npy        Phi_s^T Phi_s (k, k) float64 of the STORED values
+    <store>/rejects/<shard>.parquet  shard, row, key, reason
+    <store>/done/<shard>.json        the shard's marker, written LAST: row counts and the
+                                     sha256 + size of each file above
+    <store>/fisher/...               the merged Fisher (home: pipeline/fisher.py)
+
+A shard counts as finished only when its marker exists, and a marker is written after the
+files it describes (each an atomic write: temp + rename locally, one PUT on S3). A crash
+leaves at most files without a marker, which no reader opens and a rerun overwrites under
+the same deterministic names. Partial Grams add up: K = sum_s Phi_s^T Phi_s.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ctrak.kernel import gram
+from pipeline.config import StorageConfig
+from pipeline.errors import ProvenanceMismatchError, StoreCorruptError, StoreNotFoundError
+from pipeline.shards import ShardRef
+from pipeline.storage import exists, filesystem, join, list_files, read_bytes, sha256, write_atomic
+
+FORMAT = "ctrak-feature-store/1"
+# where each provenance field is set, for the fix in a mismatch message
+SETTING = {
+    "model": "job.model",
+    "feature_dtype": "job.feature_dtype",
+    "method": "attribution.gradient.method",
+    "timesteps": "attribution.gradient.timesteps",
+    "params": "attribution.gradient.params",
+    "state": "attribution.gradient.state",
+    "normalize": "attribution.gradient.normalize",
+    "noise_seed": "attribution.gradient.noise_seed",
+    "inversion_steps": "attribution.inversion.num_steps",
+    "inversion_guidance": "attribution.inversion.guidance",
+    "projection_k": "attribution.projection.k",
+    "projection_seed": "attribution.projection.seed",
+    "projection_kind": "attribution.projection.kind",
+    "projection_path": "attribution.projection.path",
+    "projection_k_side": "attribution.projection.k_side",
+    "param_layout": "job.model / attribution.gradient.params",
+    "num_params": "job.model / attribution.gradient.params",
+    "code_version": "the installed ctrak version",
+}
+
+
+def _plain(value: object) -> object:
+    return json.loads(json.dumps(value))  # tuples -> lists, as stored
+
+
+def check_provenance(stored: dict, actual: dict, where: str = "this job") -> None:
+    """Raise ProvenanceMismatchError naming every field that differs and how to fix it."""
+    stored, actual = _plain(stored), _plain(actual)
+    keys = sorted(set(stored) | set(actual))
+    diffs = [k for k in keys if stored.get(k) != actual.get(k)]
+    if diffs:
+        lines = "; ".join(
+            f"{k}: store {stored.get(k)!r} vs {where} {actual.get(k)!r} (set by "
+            f"{SETTING.get(k, k)})"
+            for k in diffs
+        )
+        raise ProvenanceMismatchError(
+            f"the store was made with other settings - {lines}. Fix: use the store's settings, "
+            "or write to a new store (job.store=NEW_URI)"
+        )
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """A finished shard, as its marker records it."""
+
+    shard: str
+    source: str
+    rows: int
+    rejects: int
+    files: dict  # kind -> {"path": relative path, "sha256": hex, "bytes": int}
+
+    def to_json(self) -> bytes:
+        body = {
+            "shard": self.shard,
+            "source": self.source,
+            "rows": self.rows,
+            "rejects": self.rejects,
+            "files": self.files,
+        }
+        return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
+
+
+def feature_table(shard: str, columns: dict, features: np.ndarray) -> pa.Table:
+    """columns {row (n,), key, caption, metadata (n,)} + features (n, k) stored dtype -> table."""
+    n, k = features.shape
+    feature = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), k)
+    return pa.table(
+        {
+            "key": pa.array(list(columns["key"]), pa.string()),
+            "shard": pa.array([shard] * n, pa.string()),
+            "row": pa.array(columns["row"], pa.int64()),
+            "caption": pa.array(list(columns["caption"]), pa.string()),
+            "metadata": pa.array(list(columns["metadata"]), pa.string()),
+            "feature": feature,
+        }
+    )
+
+
+def table_features(table: pa.Table) -> np.ndarray:
+    """The `feature` column -> (n, k) array in the stored dtype."""
+    column = table.column("feature").combine_chunks()
+    k = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False, writable=True)  # honours slices
+    return values.reshape(-1, k)
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+class FeatureStore:
+    """One store at `uri` (a folder or s3://bucket/prefix)."""
+
+    def __init__(self, uri: str, storage: StorageConfig | None = None) -> None:
+        self.uri = uri
+        self.storage = storage or StorageConfig()
+        self.fs, self.root = filesystem(uri, self.storage)
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    # ---- store.json -----------------------------------------------------------------------
+    def exists(self) -> bool:
+        return exists(self.fs, self.path("store.json"))
+
+    def metadata(self) -> dict:
+        """store.json; StoreNotFoundError when the store was never created."""
+        if not self.exists():
+            raise StoreNotFoundError(
+                f"no feature store at {self.uri} (store.json missing): run `ctrak featurize` "
+                "with job.store set to it first"
+            )
+        return json.loads(read_bytes(self.fs, self.path("store.json")))
+
+    def open(self, provenance: dict, feature_dtype: str, create: bool) -> dict:
+        """Create store.json (create=True and absent) or check it against this job's
+        provenance and feature dtype; returns the store metadata."""
+        wanted = {
+            "format": FORMAT,
+            "provenance": _plain(provenance),
+            "feature_dtype": feature_dtype,
+            "k": int(provenance["projection_k"]),
+        }
+        if create and not self.exists():
+            body = json.dumps(wanted, indent=1, sort_keys=True) + "\n"
+            write_atomic(self.fs, self.path("store.json"), body.encode())
+            return wanted
+        meta = self.metadata()
+        check_provenance(
+            {**meta["provenance"], "feature_dtype": meta["feature_dtype"]},
+            {**wanted["provenance"], "feature_dtype": feature_dtype},
+        )
+        return meta
+
+    # ---- finished shards -----------------------------------------------------------------
+    def done_ids(self) -> list[str]:
+        """Ids of the finished shards (those with a marker), sorted."""
+        markers = list_files(self.fs, self.path("done"), ".json")
+        return sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in markers)
+
+    def entries(self, ids: list[str] | None = None) -> dict[str, ShardEntry]:
+        """{id: ShardEntry} of finished shards (all, or `ids`), markers fetched together."""
+        ids = self.done_ids() if ids is None else ids
+        paths = [self.path("done", f"{i}.json") for i in ids]
+        if not paths:
+            return {}
+        blobs = self.fs.cat(paths)
+        out = {}
+        for i, p in zip(ids, paths, strict=True):
+            body = json.loads(blobs[p] if p in blobs else read_bytes(self.fs, p))
+            out[i] = ShardEntry(**body)
+        return out
+
+    def write_shard(
+        self,
+        shard: ShardRef,
+        columns: dict,
+        features: np.ndarray,
+        rejects: list[dict],
+        feature_dtype: str,
+    ) -> ShardEntry:
+        """Write one shard: features (n, k) float32 cast to the stored dtype, its partial
+        Gram (k, k) from the stored values, its rejects, then the marker last."""
+        stored = features.astype(feature_dtype)  # (n, k)
+        partial = gram(torch.from_numpy(stored)).numpy()  # (k, k) float64, of stored values
+        gram_buffer = io.BytesIO()
+        np.save(gram_buffer, partial)
+        reject_table = pa.table(
+            {
+                "shard": pa.array([shard.id] * len(rejects), pa.string()),
+                "row": pa.array([r["row"] for r in rejects], pa.int64()),
+                "key": pa.array([r["key"] for r in rejects], pa.string()),
+                "reason": pa.array([r["reason"] for r in rejects], pa.string()),
+            }
+        )
+        blobs = {
+            "features": (
+                f"features/{shard.id}.parquet",
+                _parquet(feature_table(shard.id, columns, stored)),
+            ),
+            "gram": (f"grams/{shard.id}.npy", gram_buffer.getvalue()),
+            "rejects": (f"rejects/{shard.id}.parquet", _parquet(reject_table)),
+        }
+        files = {}
+        for kind, (relative, data) in blobs.items():
+            write_atomic(self.fs, self.path(relative), data)
+            files[kind] = {"path": relative, "sha256": sha256(data), "bytes": len(data)}
+        entry = ShardEntry(shard.id, shard.uri, int(stored.shape[0]), len(rejects), files)
+        write_atomic(self.fs, self.path("done", f"{shard.id}.json"), entry.to_json())
+        return entry
+
+    # ---- reading -------------------------------------------------------------------------
+    def read_file(self, entry: ShardEntry, kind: str) -> bytes:
+        """A shard file, verified against the checksum in its marker."""
+        info = entry.files[kind]
+        data = read_bytes(self.fs, self.path(info["path"]))
+        if sha256(data) != info["sha256"]:
+            raise StoreCorruptError(
+                f"{self.uri}/{info['path']} does not match the checksum in done/{entry.shard}"
+                f".json; delete that marker and run `ctrak reindex` to recompute the shard"
+            )
+        return data
+
+    def load_gram(self, entry: ShardEntry) -> np.ndarray:
+        """Phi_s^T Phi_s (k, k) float64 of one finished shard."""
+        return np.load(io.BytesIO(self.read_file(entry, "gram")))
+
+    def read_features(self, entry: ShardEntry) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_file(entry, "features")))
+
+    def read_rejects(self, entry: ShardEntry) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_file(entry, "rejects")))
+
+    def feature_paths(self, ids: list[str]) -> list[str]:
+        """Paths of the finished shards' feature files (deterministic names), each checked to
+        exist; no marker is read, so this stays one listing for any number of shards."""
+        listed = list_files(self.fs, self.path("features"), ".parquet")
+        paths = [self.path("features", f"{shard}.parquet") for shard in ids]
+        missing = [p for p in paths if p not in listed]
+        if missing:
+            raise StoreCorruptError(
+                f"{len(missing)} finished shard(s) of {self.uri} have no feature file (e.g. "
+                f"{missing[0]}); delete their done-markers and run `ctrak reindex`"
+            )
+        return paths

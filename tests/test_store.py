@@ -1,0 +1,149 @@
+"""The feature store and the Fisher artifact without Ray: atomic shard writes and resume,
+provenance refusal, partial Grams vs the dense Gram, incremental vs full Fisher merge."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ctrak.kernel import fit_kernel, gram
+from pipeline.errors import (
+    ProvenanceMismatchError,
+    StaleFisherError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
+from pipeline.fisher import current_kernel, fisher_info, update_fisher
+from pipeline.shards import ShardRef
+from pipeline.storage import write_atomic
+from pipeline.store import FeatureStore, check_provenance, table_features
+
+K = 8
+PROVENANCE = {"model": "abc", "method": "concept-trak", "projection_k": K, "projection_seed": 0}
+
+
+def _shard(store: FeatureStore, shard: str, n: int, seed: int, dtype: str = "float16"):
+    """Write a shard of n random features; return them (n, k) float32."""
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((n, K)).astype(np.float32)
+    columns = {
+        "row": list(range(n)),
+        "key": [f"{shard}{i:04d}" for i in range(n)],
+        "caption": ["a red circle"] * n,
+        "metadata": [json.dumps({"i": i}) for i in range(n)],
+    }
+    rejects = [{"row": n, "key": f"{shard}{n:04d}", "reason": "missing caption (.txt member)"}]
+    store.write_shard(ShardRef(shard, f"/data/{shard}.tar", 0), columns, features, rejects, dtype)
+    return features
+
+
+def _files(root) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_layout_and_stored_precision(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    features = _shard(store, "00000", 5, seed=1)
+    names = sorted(_files(tmp_path / "store"))
+    assert names == [
+        "done/00000.json",
+        "features/00000.parquet",
+        "grams/00000.npy",
+        "rejects/00000.parquet",
+        "store.json",
+    ]
+    (entry,) = store.entries().values()
+    assert (entry.rows, entry.rejects, entry.source) == (5, 1, "/data/00000.tar")
+    table = store.read_features(entry)
+    assert str(table.schema.field("feature").type) == "fixed_size_list<element: halffloat>[8]"
+    assert table.column_names == ["key", "shard", "row", "caption", "metadata", "feature"]
+    stored = table_features(table)
+    np.testing.assert_array_equal(stored, features.astype(np.float16))
+    # the partial Gram is the Gram of the STORED values, exactly
+    np.testing.assert_array_equal(store.load_gram(entry), gram(torch.from_numpy(stored)).numpy())
+    assert store.read_rejects(entry).column("reason").to_pylist() == [
+        "missing caption (.txt member)"
+    ]
+
+
+def test_crash_before_marker_leaves_shard_pending(tmp_path, monkeypatch):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    _shard(store, "00000", 4, seed=1)
+
+    def crash(fs, path, data):
+        if "/done/" in path:
+            raise KeyboardInterrupt("killed before the marker")
+        write_atomic(fs, path, data)
+
+    monkeypatch.setattr("pipeline.store.write_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _shard(store, "00001", 4, seed=2)
+    monkeypatch.undo()
+    # the data files were written, but without a marker no reader takes the shard as finished
+    assert (tmp_path / "store/features/00001.parquet").exists()
+    assert store.done_ids() == ["00000"]
+    assert not list((tmp_path / "store").rglob("*.tmp-*"))  # no temp file left behind
+    # the rerun rewrites it under the same names and marks it done
+    _shard(store, "00001", 4, seed=2)
+    assert store.done_ids() == ["00000", "00001"]
+
+
+def test_provenance_mismatch_names_fields_and_fix(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    with pytest.raises(StoreNotFoundError, match="ctrak featurize"):
+        store.open(PROVENANCE, "float16", create=False)
+    store.open(PROVENANCE, "float16", create=True)
+    store.open(PROVENANCE, "float16", create=False)  # same settings: fine
+    with pytest.raises(ProvenanceMismatchError) as err:
+        store.open({**PROVENANCE, "projection_seed": 1}, "float32", create=True)
+    message = str(err.value)
+    assert "projection_seed: store 0" in message and "attribution.projection.seed" in message
+    assert "feature_dtype" in message and "job.store=NEW_URI" in message
+    check_provenance({"timesteps": (1, 2)}, {"timesteps": [1, 2]})  # tuples == JSON lists
+
+
+def test_fisher_incremental_equals_full_merge_and_dense(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    parts = [_shard(store, "00000", 6, 1), _shard(store, "00001", 3, 2)]
+    info, added = update_fisher(store, ratio=1.0)
+    assert added == 2 and sorted(info["shards"]) == ["00000", "00001"]
+    assert update_fisher(store, ratio=1.0)[1] == 0  # current: nothing read, nothing written
+    parts.append(_shard(store, "00002", 5, 3))
+    with pytest.raises(StaleFisherError, match="ctrak reindex"):
+        current_kernel(store, 1.0)
+    info, added = update_fisher(store, ratio=1.0)
+    assert added == 1  # only the new shard's Gram
+    kernel, _ = current_kernel(store, 1.0)
+    # the same sums in the same order as merging every shard at once ...
+    full = FeatureStore(str(tmp_path / "full"))
+    full.open(PROVENANCE, "float16", create=True)
+    for i, seed in enumerate((1, 2, 3)):
+        _shard(full, f"0000{i}", (6, 3, 5)[i], seed)
+    update_fisher(full, ratio=1.0)
+    assert torch.equal(current_kernel(full, 1.0)[0].K, kernel.K)
+    # ... and the dense Gram of all stored features, factorised the engine's way
+    stored = torch.from_numpy(np.concatenate(parts).astype(np.float16))
+    dense = fit_kernel(gram(stored), 1.0)
+    torch.testing.assert_close(kernel.K, dense.K, rtol=1e-12, atol=1e-12)
+    assert kernel.lam == pytest.approx(dense.lam, rel=1e-12)
+    # another damping ratio refactorises the stored K
+    assert current_kernel(store, 10.0)[0].lam == pytest.approx(10 * kernel.lam)
+    assert fisher_info(store)["rows"] == 14
+
+
+def test_corrupt_gram_is_refused(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    _shard(store, "00000", 4, 1)
+    gram_file = tmp_path / "store/grams/00000.npy"
+    gram_file.write_bytes(gram_file.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(StoreCorruptError, match=r"done/00000\.json"):
+        update_fisher(store, ratio=1.0)
