@@ -42,7 +42,7 @@ def sample(
     uncond = model.null_condition(len(prompts))
     x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts)))
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
-    return ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, keep)
+    return ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, keep, clip_x0=model.clip_x0)
 
 
 def generate_images(

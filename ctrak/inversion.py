@@ -109,9 +109,12 @@ def ddim_sample(
     num_steps: int,
     keep: Sequence[int] = (),
     start: int | None = None,
+    clip_x0: float | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """x_T (B, C, h, w) at t_N (or at grid timestep `start`) -> (x0 (B, C, h, w),
-    {t: x_t} for t in `keep` on the grid)."""
+    {t: x_t} for t in `keep` on the grid). `clip_x0` clamps the Tweedie estimate to
+    [-clip_x0, clip_x0] (diffusers' clip_sample; needed for pixel models whose schedule ends
+    at abar ~ 0, where x0_hat divides by sqrt(abar))."""
     T = int(alphas_cumprod.shape[0])
     grid = trailing_grid(num_steps, T)
     check_on_grid([*keep, *([start] if start is not None else [])], num_steps, T)
@@ -126,6 +129,8 @@ def ddim_sample(
         eps = eps_fn(x, t).to(x.dtype)
         a_t, a_prev = _abar(alphas_cumprod, t, x), _abar(alphas_cumprod, t_prev, x)
         x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if clip_x0 is not None:
+            x0_hat = x0_hat.clamp(-clip_x0, clip_x0)  # eps is kept, as in DDIMScheduler
         x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
     return x, states
 

@@ -120,6 +120,12 @@ class DiffusionModel:
         return next(self.unet.parameters()).dtype
 
     @property
+    def clip_x0(self) -> float | None:
+        """Sampling clamps x0_hat to [-1, 1] in pixel space (the data range); latents are
+        not clamped."""
+        return 1.0 if self.vae is None else None
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 

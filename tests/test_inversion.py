@@ -41,15 +41,22 @@ def test_inversion_matches_ddim_inverse_scheduler(guidance, latent_model64, late
         torch.testing.assert_close(ours[int(t)], x, rtol=1e-9, atol=1e-9)
 
 
-def test_sampling_matches_ddim_scheduler(pixel_model64, pixel_model_dir):
+@pytest.mark.parametrize("clip", [False, True])
+def test_sampling_matches_ddim_scheduler(clip, pixel_model64, pixel_model_dir):
     model, steps = pixel_model64, 10
     cond = model.encode_prompts(["a red triangle"])
     eps_fn = guided_eps(model.eps, cond, model.null_condition(1), 3.0)
     x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours, states = ddim_sample(eps_fn, x_T, model.alphas_cumprod, steps, keep=(99, 499))
+    ours, states = ddim_sample(
+        eps_fn, x_T, model.alphas_cumprod, steps, keep=(99, 499), clip_x0=1.0 if clip else None
+    )
 
     sched = DDIMScheduler.from_pretrained(
-        pixel_model_dir, subfolder="scheduler", timestep_spacing="trailing", set_alpha_to_one=True
+        pixel_model_dir,
+        subfolder="scheduler",
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=clip,
     )
     sched.alphas_cumprod = sched.alphas_cumprod.double()
     sched.set_timesteps(steps)
