@@ -1,9 +1,14 @@
-"""`ctrak demo`: a small end-to-end attribution on the shipped toy model, with a top-k table.
+"""`ctrak demo`: the production pipeline end to end on the shipped toy model, no server needed.
 
-Generates the toy model's synthetic training world, featurizes a slice of it, fits the kernel,
-generates held-out query images ("a red triangle", a combination the model never saw) and
-prints, per method and target concept, the top-10 training images with Precision@10: a
-training image is relevant when it has the target attribute.
+1. writes a prefix of the toy model's own synthetic training set as WebDataset shards in a
+   local folder (the embedded default "object store");
+2. generates held-out query images ("a red triangle": a combination the model never saw),
+   keeping those a classifier confirms show it;
+3. per method, `featurize` through Ray Data (decode tasks -> featurize actors -> Parquet
+   feature shards + partial Grams -> Fisher) on a local Ray cluster, then `query` (solve once,
+   scatter over the shards, gather the top-k) for each target concept;
+4. prints the top-10 per method and concept with Precision@10 (relevant = the training image
+   has the target attribute) and writes report.html (+ report.png).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 ASSETS = Path(__file__).resolve().parent.parent / "ctrak" / "assets"
 DEFAULT_MODEL = ASSETS / "toy-paper"
@@ -22,118 +27,176 @@ DEFAULT_MODEL = ASSETS / "toy-paper"
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="end-to-end attribution on the shipped toy model (no server needed)",
+        help="end-to-end attribution on the shipped toy model through the Ray pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers model directory")
-    parser.add_argument("--work", default="runs/demo", help="folder for data and outputs")
-    parser.add_argument("--num-train", type=int, default=96, help="training images attributed")
-    parser.add_argument("--num-queries", type=int, default=2, help="query images per prompt")
+    parser.add_argument("--work", default="runs/demo", help="folder for data, stores, report")
+    parser.add_argument("--num-train", type=int, default=160, help="training images attributed")
+    parser.add_argument("--shard-size", type=int, default=40, help="images per input shard")
+    parser.add_argument("--num-queries", type=int, default=2, help="query images")
     parser.add_argument("--prompt", default="a red triangle", help="query prompt")
     parser.add_argument("--concepts", default="triangle,red", help="comma-separated targets")
     parser.add_argument("--methods", default="concept-trak,trak", help="comma-separated methods")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--actors", type=int, default=1, help="featurize actors")
+    parser.add_argument("--address", default="", help="Ray cluster to join (default: local)")
+    parser.add_argument("--report", default=None, help="report path (default WORK/report.html)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.set_defaults(func=run)
 
 
-def _training_set(model_dir: Path, work: Path, num_train: int, image_size: int):
-    """(images (N, 3, H, W) in [-1, 1], captions, labels) of the model's own training world."""
-    from pipeline.synthetic import generate_world, read_samples
+def _uint8(images) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
-    spec_file = model_dir / "data_spec.json"
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
-    num_images = max(int(spec.get("num_images", num_train)), num_train)
-    data = work / f"data-{spec.get('world', 'paper')}-{image_size}-{num_images}"
-    generate_world(
-        spec.get("world", "paper"),
-        str(data),
-        num_images=num_images,
-        image_size=int(spec.get("image_size", image_size)),
-        shard_size=int(spec.get("shard_size", 1000)),
-        seed=int(spec.get("seed", 0)),
-    )
-    rows = [row for _, row in zip(range(num_train), read_samples(str(data)), strict=False)]
-    images = torch.stack([torch.tensor(r["image"]).permute(2, 0, 1) for r in rows])
-    return images.float() / 127.5 - 1, [r["caption"] for r in rows], rows
+
+def query_images(model, world: str, prompt: str, n: int, work: Path) -> list[Path]:
+    """Generate images of `prompt`, keep the first n the world's classifier confirms."""
+    from PIL import Image
+
+    from ctrak.generation import generate_images
+    from pipeline.synthetic import classify, world_combos
+
+    combo = next((c for c in world_combos(world) if c.caption == prompt), None)
+    out, kept = work / "queries", []
+    out.mkdir(parents=True, exist_ok=True)
+    for attempt in range(8):
+        batch = _uint8(generate_images(model, [prompt] * max(n, 4), seed=1234 + attempt))
+        for array in batch:
+            if combo is None or classify(array, world) == (combo.shape, combo.colour):
+                path = out / f"query-{len(kept):02d}.png"
+                Image.fromarray(array).save(path)
+                kept.append(path)
+            if len(kept) == n:
+                return kept
+    if not kept:  # the model never drew it: show the user what it drew instead
+        Image.fromarray(batch[0]).save(out / "query-00.png")
+        kept.append(out / "query-00.png")
+        print(f"note: no generated image of {prompt!r} was classified as such; using one anyway")
+    return kept
+
+
+def _precision(hits, attribute: str, value: str) -> float:
+    return float(np.mean([(h.metadata or {}).get(attribute) == value for h in hits]))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctrak.attribution import Attributor, Query
     from ctrak.config import AttributionConfig, GradientConfig
-    from ctrak.generation import generate_images
     from ctrak.model import DiffusionModel
     from ctrak.tiny import build_tiny_model
+    from pipeline.cluster import ray_session
+    from pipeline.config import JobConfig, PipelineConfig, RayConfig
+    from pipeline.ingest import ingest
+    from pipeline.query import QuerySpec, load_query_image, run_queries
+    from pipeline.synthetic import generate_world
 
-    torch.manual_seed(0)
     start = time.perf_counter()
     work = Path(args.work)
     model_dir = Path(args.model)
     if not (model_dir / "model_index.json").is_file():
         print(f"note: no trained model at {model_dir}; using an UNTRAINED tiny model")
         model_dir = build_tiny_model(work / "tiny-model", image_size=16)
+    spec_file = model_dir / "data_spec.json"
+    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    world, seed = spec.get("world", "paper"), int(spec.get("seed", 0))
     model = DiffusionModel.load(model_dir)
-    images, captions, rows = _training_set(model_dir, work, args.num_train, model.image_size)
-    queries_images = generate_images(model, [args.prompt] * args.num_queries, seed=1234)
-    print(
-        f"model {model_dir} ({model.fingerprint}); {len(rows)} training images; "
-        f"{args.num_queries} generated query image(s) of {args.prompt!r}"
+    # 1. the first num_train images of the model's training set (image i depends on i only)
+    data = work / f"data-{world}-{model.image_size}-{seed}-{args.num_train}"
+    generate_world(
+        world,
+        str(data),
+        num_images=args.num_train,
+        image_size=model.image_size,
+        shard_size=args.shard_size,
+        seed=seed,
     )
-    results = []
-    for method in args.methods.split(","):
-        attributor = Attributor(model, AttributionConfig(gradient=GradientConfig(method=method)))
-        t0 = time.perf_counter()
-        features = attributor.featurize(images, captions, batch_size=16)
-        kernel = attributor.fit(features)
-        seconds = time.perf_counter() - t0
-        for concept in args.concepts.split(","):
-            attribute = concept.strip()
-            key = "shape" if any(attribute == r["labels"]["shape"] for r in rows) else "colour"
-            queries = [
-                Query(args.prompt, concept=attribute, image=queries_images[i : i + 1])
-                for i in range(args.num_queries)
-            ]
-            top = attributor.attribute(queries, features, kernel, top_k=args.top_k)
-            precisions = [
-                sum(rows[i]["labels"][key] == attribute for i in idx) / len(idx)
-                for idx in top.indices.tolist()
-            ]
-            p10 = sum(precisions) / len(precisions)
-            print(
-                f"\n{method}  target={attribute!r}  P@{args.top_k}={p10:.2f}  "
-                f"(featurize {seconds / len(rows):.2f} s/sample)"
+    # 2. query images the model drew for the prompt
+    paths = query_images(model, world, args.prompt, args.num_queries, work)
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    specs = [
+        QuerySpec(args.prompt, concept=c, image=load_query_image(str(p)), image_path=str(p))
+        for c in concepts
+        for p in paths
+    ]
+    print(
+        f"model {model_dir} ({model.fingerprint}), {args.num_train} training images in "
+        f"{data}, {len(paths)} query image(s) of {args.prompt!r}"
+    )
+    # 3. featurize and query through the Ray pipeline, one store per method
+    results, timings = {}, {}
+    with ray_session(RayConfig(address=args.address)):
+        for method in args.methods.split(","):
+            config = PipelineConfig(
+                job=JobConfig(
+                    data=str(data),
+                    store=str(work / f"store-{method}-{model.fingerprint}"),
+                    model=str(model_dir),
+                    batch_size=16,
+                    actors=args.actors,
+                    top_k=args.top_k,
+                ),
+                attribution=AttributionConfig(gradient=GradientConfig(method=method)),
             )
-            print(f"  {'rank':>4}  {'key':>9}  {'score':>10}  caption")
-            hits = []
-            for rank, (i, s) in enumerate(
-                zip(top.indices[0].tolist(), top.values[0].tolist(), strict=True), 1
-            ):
-                mark = "*" if rows[i]["labels"][key] == attribute else " "
-                print(f"  {rank:>4}  {rows[i]['key']:>9}  {s:>10.4g}  {mark} {captions[i]}")
-                hits.append(
-                    {
-                        "rank": rank,
-                        "key": rows[i]["key"],
-                        "score": s,
-                        "caption": captions[i],
-                        "relevant": mark == "*",
-                    }
+            summary = ingest(config, create=True)
+            results[method], _ = run_queries(config, specs, top_k=args.top_k)
+            timings[method] = summary.to_dict()
+    # 4. tables, Precision@k, report
+    out = []
+    for method, method_results in results.items():
+        for concept in concepts:
+            attribute = (
+                "shape"
+                if any(
+                    (h.metadata or {}).get("shape") == concept
+                    for r in method_results
+                    for h in r.hits
                 )
-            results.append(
+                else "colour"
+            )
+            mine = [r for r in method_results if r.query.concept == concept]
+            p = float(np.mean([_precision(r.hits, attribute, concept) for r in mine]))
+            print(
+                f"\n{method}  target={concept!r}  P@{args.top_k}={p:.2f}"
+                f"  (averaged over {len(mine)} query image(s); * = has the target)"
+            )
+            for h in mine[0].hits:
+                mark = "*" if (h.metadata or {}).get(attribute) == concept else " "
+                print(f"  {h.rank:>3}  {h.score:>10.4g}  {h.key}  {mark} {h.caption}")
+            out.append(
                 {
                     "method": method,
-                    "concept": attribute,
-                    "precision_at_k": p10,
-                    "top": hits,
-                    "featurize_s_per_sample": seconds / len(rows),
+                    "concept": concept,
+                    "precision_at_k": p,
+                    "results": [r.to_dict() for r in mine],
                 }
             )
-    total = time.perf_counter() - start
-    print(f"\n(* = has the target attribute)  done in {total:.0f}s")
+    # 5. the report: query image, per method the top-k images with scores, relevant marked
+    from jobs.report import query_sections, render_report
+    from pipeline.images import hit_images
+
+    images = {}
+    for method, method_results in results.items():
+        store = str(work / f"store-{method}-{model.fingerprint}")
+        images.update(hit_images(store, method_results, data_uri=str(data)))
+    report = Path(args.report or work / "report.html")
+    render_report(
+        query_sections(results, images),
+        report,
+        report.with_suffix(".png"),
+        subtitle=f"toy model {model.fingerprint} · {args.num_train} training images · "
+        f"held-out query {args.prompt!r}",
+    )
+    seconds = time.perf_counter() - start
+    print(f"\nreport: {report} (grid: {report.with_suffix('.png')})")
+    print(f"done in {seconds:.0f}s")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"prompt": args.prompt, "results": results, "seconds": total}, indent=2)
+            json.dumps(
+                {"prompt": args.prompt, "results": out, "featurize": timings, "seconds": seconds},
+                indent=2,
+            )
             + "\n"
         )
     return 0

@@ -2,7 +2,8 @@
 
 One query from flags, or several from a file (TOML `[[queries]]` tables or JSON lines with
 prompt / concept / negative / image), all scored in one pass over the store. Prints a table
-per query (rank, score, key, shard, caption, metadata); --json writes the same.
+per query (rank, score, key, shard, caption, metadata); --json writes the same; --report
+writes an HTML page (and a PNG) with the query and hit images, relevant hits marked.
 
     ctrak query --config jobs/configs/dev-local.toml --prompt "a red triangle" \
         --concept triangle --image query.png --top-k 10 --json hits.json
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--top-k", type=int, help="hits per query (default job.top_k)")
     parser.add_argument("--queries", metavar="FILE", help="several queries (.toml or .jsonl)")
+    parser.add_argument(
+        "--report", metavar="HTML", help="also write an HTML report with the images (+ .png)"
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -74,7 +78,7 @@ def make_specs(args: argparse.Namespace) -> list:
 
     if args.queries:
         items = read_queries_file(args.queries)
-    elif args.prompt:
+    elif args.prompt is not None:  # an empty prompt is a PromptError, not a missing flag
         items = [
             {
                 "prompt": args.prompt,
@@ -134,4 +138,8 @@ def run(args: argparse.Namespace) -> int:
         f"rows in {info['shards']} shard(s), {info['seconds']:.1f} s -> {info['store']}"
     )
     write_json(args.json, {**info, "results": [r.to_dict() for r in results]})
+    if args.report:
+        from jobs.report import write_query_report
+
+        write_query_report(args.report, config, results)
     return 0
