@@ -19,6 +19,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="model with data_spec.json")
     parser.add_argument("--methods", default="concept-trak,trak,d-trak,das")
+    parser.add_argument(
+        "--variants",
+        choices=["methods", "ablation", "cost"],
+        default="methods",
+        help="methods: --methods with defaults; ablation: the paper's component ablation; "
+        "cost: inversion steps / guidance / number of timesteps",
+    )
     parser.add_argument("--num-train", type=int, default=240, help="training rows attributed")
     parser.add_argument("--per-combo", type=int, default=4, help="query images per combination")
     parser.add_argument("--scopes", default="local,global")
@@ -30,11 +37,22 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.evaluation import evaluate, markdown_table, method_variants
+    from jobs.evaluation import (
+        ablation_variants,
+        cost_variants,
+        evaluate,
+        markdown_table,
+        method_variants,
+    )
 
+    variants = {
+        "methods": lambda: method_variants(args.methods.split(",")),
+        "ablation": ablation_variants,
+        "cost": cost_variants,
+    }[args.variants]()
     result = evaluate(
         args.model,
-        method_variants(args.methods.split(",")),
+        variants,
         work=args.work,
         num_train=args.num_train,
         per_combo=args.per_combo,

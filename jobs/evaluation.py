@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ctrak.attribution import Attributor, Query
-from ctrak.config import AttributionConfig, GradientConfig
+from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, QueryConfig
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
 from pipeline.synthetic import classify, generate_world, read_samples, world_combos
@@ -41,6 +41,45 @@ def method_variants(methods: Sequence[str], **overrides) -> list[Variant]:
         Variant(m, AttributionConfig(gradient=GradientConfig(method=m, **overrides)))
         for m in methods
     ]
+
+
+def ablation_variants() -> list[Variant]:
+    """The paper's ablation (METHOD.md section 5), one component added per step:
+    denoising loss -> + concept utility -> + DPS training loss -> + DDIM inversion ->
+    + per-timestep normalisation (= Concept-TRAK)."""
+
+    def cfg(method: str, state: str, normalize: bool, utility: str) -> AttributionConfig:
+        gradient = GradientConfig(method=method, state=state, normalize=normalize)
+        return AttributionConfig(gradient=gradient, query=QueryConfig(utility=utility))
+
+    return [
+        Variant("DSM (TRAK)", cfg("trak", "noised", False, "same")),
+        Variant("+ concept utility", cfg("trak", "noised", False, "concept")),
+        Variant("+ DPS training loss", cfg("concept-trak", "noised", False, "concept")),
+        Variant("+ DDIM inversion", cfg("concept-trak", "inverted", False, "concept")),
+        Variant("+ per-timestep norm", cfg("concept-trak", "inverted", True, "concept")),
+    ]
+
+
+def cost_variants() -> list[Variant]:
+    """The cost knobs of Concept-TRAK: inversion steps, guidance during inversion, and the
+    number of gradient timesteps (all else default)."""
+    out = []
+    for steps, guidance in ((10, 1.0), (50, 1.0), (10, 3.0)):
+        inversion = InversionConfig(num_steps=steps, guidance=guidance)
+        out.append(
+            Variant(
+                f"inversion {steps} steps, cfg {guidance:g}", AttributionConfig(inversion=inversion)
+            )
+        )
+    for timesteps in ((299, 599, 899), (499,)):
+        out.append(
+            Variant(
+                f"timesteps {','.join(map(str, timesteps))}",
+                AttributionConfig(gradient=GradientConfig(timesteps=timesteps)),
+            )
+        )
+    return out
 
 
 def training_set(model_dir: Path, work: Path, num_train: int):
@@ -102,19 +141,32 @@ def query_images(
     return out
 
 
-def _features(attributor: Attributor, images, captions, cache: Path) -> torch.Tensor:
+def _features(attributor: Attributor, images, captions, cache: Path) -> tuple[torch.Tensor, dict]:
+    """Features (cached per provenance) and their cost: seconds and UNet forward rows (counted
+    by a hook; each backward pass comes on top) per training sample."""
     key = hashlib.sha256(
         json.dumps([attributor.provenance(), captions], sort_keys=True).encode()
     ).hexdigest()[:16]
-    path = cache / f"features-{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    features = attributor.featurize(images, captions, batch_size=16)
+    path, cost_path = cache / f"features-{key}.pt", cache / f"cost-{key}.json"
+    if path.is_file() and cost_path.is_file():
+        return torch.load(path, weights_only=True), json.loads(cost_path.read_text())
+    rows = [0]
+    hook = attributor.model.unet.register_forward_hook(
+        lambda module, args, out: rows.__setitem__(0, rows[0] + args[0].shape[0])
+    )
+    start = time.perf_counter()
+    try:
+        features = attributor.featurize(images, captions, batch_size=16)
+    finally:
+        hook.remove()
+    n = len(captions)
+    cost = {"s_per_sample": (time.perf_counter() - start) / n, "forwards_per_sample": rows[0] / n}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(features, tmp)
     tmp.replace(path)
-    return features
+    cost_path.write_text(json.dumps(cost) + "\n")
+    return features, cost
 
 
 def evaluate(
@@ -137,13 +189,11 @@ def evaluate(
     queries = query_images(model, world, per_combo) if "local" in scopes else {}
     for caption, q in queries.items():
         log(f"query images for {caption!r}: kept {q['kept']} of {q['generated']} generated")
-    records = []
+    records, costs = [], {}
     for variant in variants:
-        start = time.perf_counter()
         attributor = Attributor(model, variant.config)
-        features = _features(attributor, images, captions, work / "cache")
+        features, costs[variant.name] = _features(attributor, images, captions, work / "cache")
         kernel = attributor.fit(features)
-        featurize_s = time.perf_counter() - start
         for scope in scopes:
             query_cfg = replace(variant.config.query, scope=scope, num_draws=global_draws)
             attributor.config = replace(variant.config, query=query_cfg)
@@ -178,7 +228,8 @@ def evaluate(
                     )
             attributor.config = variant.config
         log(
-            f"{variant.name}: featurized {len(captions)} in {featurize_s:.0f}s; "
+            f"{variant.name}: {costs[variant.name]['s_per_sample']:.2f} s and "
+            f"{costs[variant.name]['forwards_per_sample']:.0f} forwards per sample; "
             + ", ".join(
                 f"{s} ID {_mean(records, variant.name, s, False):.2f} "
                 f"OOD {_mean(records, variant.name, s, True):.2f}"
@@ -192,6 +243,7 @@ def evaluate(
         "top_k": top_k,
         "queries": {c: {k: v for k, v in q.items() if k != "images"} for c, q in queries.items()},
         "variants": {v.name: v.config.provenance() for v in variants},
+        "costs": costs,
         "records": records,
     }
 
@@ -211,12 +263,19 @@ def markdown_table(result: dict, top_k: int = 10) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in records))
     scopes = list(dict.fromkeys(r["scope"] for r in records))
     head = " | ".join(f"{s} ID | {s} OOD" for s in scopes)
-    lines = [f"| method | {head} |", "|---" * (1 + 2 * len(scopes)) + "|"]
+    lines = [
+        f"| method | {head} | s / sample | forwards / sample |",
+        "|---" * (3 + 2 * len(scopes)) + "|",
+    ]
     for v in variants:
         cells = " | ".join(
             f"{_mean(records, v, s, False):.2f} | {_mean(records, v, s, True):.2f}" for s in scopes
         )
-        lines.append(f"| {v} | {cells} |")
+        cost = result.get("costs", {}).get(v, {})
+        lines.append(
+            f"| {v} | {cells} | {cost.get('s_per_sample', float('nan')):.2f} | "
+            f"{cost.get('forwards_per_sample', float('nan')):.0f} |"
+        )
     lines += ["", f"Per concept (P@{top_k}; prompt / target):", ""]
     keys = list(dict.fromkeys((r["prompt"], r["target"], r["heldout"]) for r in records))
     header = " | ".join(f"{p} / {t}{' (OOD)' if h else ''}" for p, t, h in keys)
