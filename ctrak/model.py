@@ -91,7 +91,14 @@ class DiffusionModel:
                 kwargs = {"use_safetensors": True}
                 if index[name][0] == "diffusers":
                     kwargs.update(torch_dtype=dtype, low_cpu_mem_usage=False)
-                module = klass.from_pretrained(path / name, **kwargs)
+                try:
+                    module = klass.from_pretrained(path / name, **kwargs)
+                except (OSError, ValueError) as err:  # no .safetensors (pickle .bin only), ...
+                    raise ModelLoadError(
+                        f"cannot load component '{name}' from {path / name}: {err}. Weights "
+                        "load from .safetensors files only (pickle .bin/.pt files are refused); "
+                        "convert them with safetensors or save the model with save_pretrained"
+                    ) from None
                 parts[name] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         tokenizer = _component_class(index, "tokenizer", path).from_pretrained(path / "tokenizer")
         from diffusers import DDPMScheduler

@@ -1,7 +1,7 @@
 """Job configuration: one TOML file plus `key=value` overrides -> `PipelineConfig`.
 
     [job]         data, store, model, batch_size, actors, feature_dtype, max_reject_fraction, top_k
-    [storage]     endpoint_url, region, profile, anon   (secrets: AWS environment only)
+    [storage]     endpoint_url, region, profile, anon, retry_limit_s   (secrets: AWS env only)
     [ray]         address, runtime_env, progress
     [attribution] damping_ratio
     [attribution.gradient], [attribution.inversion], [attribution.projection],

@@ -86,9 +86,10 @@ def _named_errors() -> dict[str, type]:
 
 
 def unwrap(err: BaseException) -> BaseException:
-    """The CtrakError behind a Ray error, else err. A task's error travels as its cause; an
-    actor whose __init__ raised (e.g. a worker with another model: ProvenanceMismatchError)
-    only leaves the formatted traceback, whose last named-error line is rebuilt."""
+    """The CtrakError behind a Ray error, else err. A plain task's error travels as its cause;
+    a Ray Data UDF's (wrapped in UserCodeException) and an actor's whose __init__ raised (e.g.
+    a worker with another model: ProvenanceMismatchError) only leave the formatted traceback,
+    whose last named-error line is rebuilt."""
     seen: set[int] = set()
     node: BaseException | None = err
     while node is not None and id(node) not in seen:
@@ -96,8 +97,11 @@ def unwrap(err: BaseException) -> BaseException:
             return node
         seen.add(id(node))
         node = getattr(node, "cause", None) or node.__cause__ or node.__context__
+    if not type(err).__module__.startswith("ray."):
+        return err  # a local error: its text is not a worker's traceback
     named = _named_errors()
-    lines = re.findall(r"(?:^|[\s.])(\w+Error): (.+)", str(getattr(err, "error_msg", "")))
+    text = str(getattr(err, "error_msg", "") or err)
+    lines = re.findall(r"(?:^|[\s.])(\w+Error): (.+)", text)
     for name, message in reversed(lines):
         if name in named:
             return named[name](message.strip())

@@ -28,7 +28,8 @@ class JobConfig:
     """`data`: folder or s3:// prefix of img2dataset `.tar` shards; `store`: folder or s3://
     prefix of the feature store; `model`: a local diffusers directory on every worker.
     `actors`: fixed featurize pool size (one GPU each when the cluster has GPUs);
-    `max_reject_fraction`: the error budget, rejected rows / rows read in one run."""
+    `max_reject_fraction`: the error budget, rejected rows / all rows of the store, checked
+    once a job has written every shard (a run over it exits non-zero; nothing is dropped)."""
 
     data: str = ""
     store: str = ""
@@ -67,12 +68,15 @@ class JobConfig:
 class StorageConfig:
     """Object-storage access. Empty fields fall back to the standard AWS environment:
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, AWS_PROFILE,
-    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, else botocore's chain."""
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, else botocore's chain.
+    `retry_limit_s`: how long transient errors (refused, reset, timeout, 5xx, throttling) are
+    retried with backoff before a job fails naming the endpoint (pipeline/storage.py)."""
 
     endpoint_url: str = ""
     region: str = ""
     profile: str = ""
     anon: bool = False
+    retry_limit_s: float = 300.0
     key: str = field(default="", repr=False)
     secret: str = field(default="", repr=False)
     token: str = field(default="", repr=False)
@@ -82,6 +86,10 @@ class StorageConfig:
             raise ConfigError(
                 f"storage.endpoint_url={self.endpoint_url!r} must start with http:// or "
                 "https://, e.g. http://127.0.0.1:8333"
+            )
+        if not 0 <= self.retry_limit_s < float("inf"):
+            raise ConfigError(
+                f"storage.retry_limit_s={self.retry_limit_s!r} must be a number of seconds >= 0"
             )
         if bool(self.key) != bool(self.secret):
             raise ConfigError("give both the access key and the secret key, or neither")
@@ -107,7 +115,14 @@ class StorageConfig:
 
     def s3fs_options(self) -> dict:
         """Keyword arguments of `s3fs.S3FileSystem` (holds secrets: never log it)."""
-        options: dict = {}
+        # one try per botocore call (plus one for a stale pooled connection): the retries with
+        # backoff and a time limit are pipeline/storage.py's; a refused connection fails fast
+        options: dict = {
+            "config_kwargs": {
+                "retries": {"mode": "standard", "total_max_attempts": 2},
+                "connect_timeout": 10,
+            }
+        }
         client: dict = {}
         if self.endpoint_url:
             client["endpoint_url"] = self.endpoint_url

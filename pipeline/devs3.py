@@ -12,6 +12,7 @@ gateway requires exactly those credentials. Used by `tests/services.py` and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -92,6 +93,13 @@ def start(
 ) -> DevS3:
     """Start `weed mini` with pinned loopback ports and required credentials; wait until the
     S3 gateway answers. StorageError when a port is taken or it does not come up."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise StorageError(
+            f"bucket name {bucket!r} is not valid S3 (3-63 of a-z 0-9 . -); weed would "
+            "start without it"
+        )
+    if not (key and secret):
+        raise StorageError("give the server an access key and a secret: it never runs open")
     taken = [p for p in ports(s3_port).values() if p and _port_open(p)]
     if taken:
         raise StorageError(f"ports {taken} on 127.0.0.1 are in use; pick another s3_port")

@@ -13,6 +13,10 @@ class StorageError(CtrakError):
     """A data or store URI cannot be listed, read or written (missing, forbidden, bad name)."""
 
 
+class MissingFileError(StorageError):
+    """A file or object that should exist does not."""
+
+
 class NoShardsError(StorageError):
     """The data URI holds no WebDataset `.tar` shards."""
 
@@ -37,5 +41,6 @@ class RejectBudgetError(CtrakError):
     """More rows were rejected (undecodable, wrong size, ...) than the job's error budget."""
 
 
-class ShardReadError(StorageError):
-    """One or more input shards could not be read as tar files; they stay pending."""
+class StorageUnavailableError(StorageError):
+    """Object storage kept failing (refused, reset, timed out, 5xx) past storage.retry_limit_s;
+    the message names the endpoint, never the credentials."""

@@ -6,7 +6,11 @@
 when its model or settings differ from the store's (a worker with another copy of the model
 would otherwise write features that mean something else). `__call__` turns a record batch
 (see `pipeline/shards.py`) into feature rows: the images and per-sample gradients never leave
-the actor, only phi (B, k) does. Rejected and end-of-shard records pass through untouched.
+the actor, only phi (B, k) does. Rejected and end-of-shard records pass through untouched; a
+row whose gradient is NaN/Inf or zero at a timestep (`ok` = False from the engine) becomes a
+rejected record with REJECT_NUMERICS and a zero feature, so it is never stored.
+
+Fault-injection hooks (`pipeline/faults.py`) are no-ops unless CTRAK_FAULT is set.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig
 from ctrak.model import DiffusionModel
+from pipeline.faults import actor_exit, poison
 from pipeline.store import check_provenance
 
 PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count")
@@ -51,12 +56,14 @@ class Featurizer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """records (B,) -> {shard, row, key, caption, metadata, count, reason (B,),
         feature (B, k) float32}; feature rows of rejected records are zero."""
+        actor_exit(batch)  # fault injection (tests); no-op unset
         k = self.attributor.config.projection.k
         reason = np.array(batch["reason"], dtype=object)
         good = np.flatnonzero((batch["row"] >= 0) & (reason == ""))  # (G,)
         feature = np.zeros((len(reason), k), np.float32)  # (B, k)
         if len(good):
             images = images_to_tensor(batch["image"][good])  # (G, 3, S, S)
+            images = poison(batch["key"][good], images)
             captions = [str(c) for c in batch["caption"][good]]
             phi, ok = self.attributor.featurize_batch(images, captions)  # (G, k), (G,)
             feature[good] = phi.detach().cpu().numpy()

@@ -27,7 +27,7 @@ import torch
 
 from ctrak.kernel import Kernel, fit_kernel
 from pipeline.errors import StaleFisherError, StoreCorruptError
-from pipeline.storage import exists, read_bytes, sha256, write_atomic
+from pipeline.storage import sha256
 from pipeline.store import FeatureStore, ShardEntry
 
 log = logging.getLogger("ctrak.fisher")
@@ -36,15 +36,17 @@ log = logging.getLogger("ctrak.fisher")
 def fisher_info(store: FeatureStore) -> dict | None:
     """fisher/fisher.json, or None when no Fisher was stored yet."""
     path = store.path("fisher", "fisher.json")
-    return json.loads(read_bytes(store.fs, path)) if exists(store.fs, path) else None
+    return store.read_json(path) if store.has(path) else None
 
 
 def load_kernel(store: FeatureStore, info: dict) -> Kernel:
     """The stored K, lambda and L (verified against the marker's checksum)."""
-    data = read_bytes(store.fs, store.path("fisher", "kernel.npz"))
+    data = store.read(store.path("fisher", "kernel.npz"))
     if sha256(data) != info["kernel_sha256"]:
         raise StoreCorruptError(
-            f"{store.uri}/fisher/kernel.npz does not match fisher.json; run `ctrak reindex`"
+            f"{store.uri}/fisher/kernel.npz does not match the checksum in fisher.json "
+            "(truncated or altered); delete fisher/fisher.json and run `ctrak reindex` to "
+            "re-merge the Fisher from the shards' Grams"
         )
     arrays = np.load(io.BytesIO(data))
     return Kernel(
@@ -61,7 +63,7 @@ def save_fisher(
     buffer = io.BytesIO()
     np.savez(buffer, K=kernel.K.numpy(), L=kernel.chol.numpy(), lam=np.float64(kernel.lam))
     data = buffer.getvalue()
-    write_atomic(store.fs, store.path("fisher", "kernel.npz"), data)
+    store.write(store.path("fisher", "kernel.npz"), data)
     info = {
         "shards": shards,
         "rows": rows,
@@ -71,7 +73,7 @@ def save_fisher(
         "kernel_sha256": sha256(data),
     }
     body = json.dumps(info, indent=1, sort_keys=True) + "\n"
-    write_atomic(store.fs, store.path("fisher", "fisher.json"), body.encode())
+    store.write(store.path("fisher", "fisher.json"), body.encode())
     return info
 
 

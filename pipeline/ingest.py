@@ -8,6 +8,14 @@
 Only k-dim feature rows reach the driver. A shard is written as soon as it is complete, so a
 crash loses at most the shards in flight, and a rerun featurizes only shards without a
 marker: a rerun of a finished job does no featurization and rewrites no file.
+
+Faults: a featurize actor that dies (node lost, OOM, crash) is restarted and its batch retried:
+Ray Data 2.60 creates pool actors with max_restarts=-1 and max_task_retries=-1 (other values
+only go through the deprecated `ray_remote_args`). Records arrive keyed by (shard, row), so a
+batch delivered twice counts once. Bad rows (and unreadable or truncated tars) are rejected
+records, written to the shard's rejects table; the error budget (job.max_reject_fraction of
+the store's rows) is checked once every shard is written, so a bad shard never stops the good
+ones and a rerun reaches the same verdict.
 """
 
 from __future__ import annotations
@@ -21,11 +29,12 @@ import numpy as np
 
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
-from pipeline.errors import RejectBudgetError, ShardReadError
+from pipeline.errors import RejectBudgetError
+from pipeline.faults import actor_env, driver_kill
 from pipeline.featurize import Featurizer, describe_model
 from pipeline.fisher import update_fisher
 from pipeline.shards import ShardRef, decode_shard, list_shards
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, check_settings
 
 log = logging.getLogger("ctrak.ingest")
 DECODE_MEMORY = 512 << 20  # bytes reserved per decode task (a streamed tar + one batch)
@@ -37,9 +46,11 @@ class IngestSummary:
     shards: int = 0  # in the data URI
     skipped: int = 0  # already finished in the store
     written: int = 0  # featurized and written by this run
-    failed: list[str] = field(default_factory=list)  # unreadable tars, still pending
     rows: int = 0  # featurized rows written by this run
-    rejected: int = 0  # rejected rows recorded by this run
+    rejected: int = 0  # rejected rows recorded by this run (see <store>/rejects/)
+    reasons: dict[str, int] = field(default_factory=dict)  # reject reason -> rows, this run
+    store_rows: int = 0  # featurized rows in the store after this run
+    store_rejected: int = 0  # rejected rows in the store after this run
     fisher_grams_added: int = 0
     seconds: float = 0.0  # whole job
     featurize_seconds: float = 0.0  # from the first shard read to the last shard written
@@ -69,16 +80,16 @@ class ShardAssembler:
 
     def __init__(self) -> None:
         self.records: dict[str, dict[int, Record]] = {}
-        self.ends: dict[str, tuple[int, str]] = {}  # shard -> (record count, failure)
+        self.counts: dict[str, int] = {}  # shard -> its number of sample records
 
-    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[str, str, list[Record]]]:
-        """Add a batch; return [(shard, failure, records sorted by row)] of completed shards."""
+    def add(self, batch: dict[str, np.ndarray]) -> list[tuple[str, list[Record]]]:
+        """Add a batch; return [(shard, records sorted by row)] of the completed shards."""
         touched = set()
         for i, shard in enumerate(batch["shard"]):
             row = int(batch["row"][i])
             touched.add(shard)
             if row < 0:  # the end record
-                self.ends[shard] = (int(batch["count"][i]), str(batch["reason"][i]))
+                self.counts[shard] = int(batch["count"][i])
                 continue
             self.records.setdefault(shard, {})[row] = Record(
                 row,
@@ -88,9 +99,9 @@ class ShardAssembler:
         done = []
         for shard in sorted(touched):
             got = self.records.get(shard, {})
-            if shard in self.ends and len(got) == self.ends[shard][0]:
-                _, failure = self.ends.pop(shard)
-                done.append((shard, failure, [got[r] for r in sorted(got)]))
+            if shard in self.counts and len(got) == self.counts[shard]:
+                del self.counts[shard]
+                done.append((shard, [got[r] for r in sorted(got)]))
                 self.records.pop(shard, None)
         return done
 
@@ -135,24 +146,24 @@ def build_dataset(
             "expected": described["provenance"],
         },
         **resources,
+        **actor_env(),
     )
 
 
-def _check_budget(
-    totals: list[int], shard_rows: int, shard_rejects: list[dict], budget: float, shard: str
-) -> None:
-    """totals = [rows, rejected] of the store so far; raise before writing a shard that would
-    take the store's rejected fraction over the budget."""
-    rejected = totals[1] + len(shard_rejects)
-    seen = totals[0] + totals[1] + shard_rows + len(shard_rejects)
+def check_budget(summary: IngestSummary, budget: float) -> None:
+    """RejectBudgetError when more than `budget` of the store's rows are rejected."""
+    rejected, seen = summary.store_rejected, summary.store_rows + summary.store_rejected
     if seen and rejected / seen > budget:
-        reasons = sorted({r["reason"] for r in shard_rejects})[:3]
-        raise RejectBudgetError(
-            f"{rejected} of {seen} rows in the store would be rejected ({rejected / seen:.1%}) "
-            f"> job.max_reject_fraction={budget}; shard {shard} not written; its reasons: "
-            f"{reasons}. Fix the data (or the model's image size), or raise "
+        top = sorted(summary.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        err = RejectBudgetError(
+            f"{rejected} of {seen} rows of {summary.store} are rejected ({rejected / seen:.1%}) "
+            f"> job.max_reject_fraction={budget}; every shard is written and its rejects are "
+            f"in {summary.store}/rejects/ (this run's top reasons: {top}). Fix the data (or the "
+            "model's image size) and delete those shards' done-markers, or raise "
             "job.max_reject_fraction"
         )
+        err.summary = summary  # the job still prints and saves it
+        raise err
 
 
 def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> IngestSummary:
@@ -164,8 +175,8 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
     start = time.perf_counter()
     summary = IngestSummary(store=job.store)
     store = FeatureStore(job.store, storage)
-    if not create:
-        store.metadata()  # StoreNotFoundError before any model is loaded
+    if not create or store.exists():  # refuse another store before any model is loaded
+        check_settings(store.metadata()["provenance"], config.attribution.provenance())
     # 1. the shards of the data URI
     shards = {s.id: s for s in list_shards(job.data, storage)}
     # 2. what this model and these settings make; refuse a store made otherwise
@@ -174,7 +185,6 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
     # 3. the shards without a done-marker in the store
     entries = store.entries()  # {id: ShardEntry} of the finished shards
     pending = [s for s in shards.values() if s.id not in entries]
-    totals = [sum(e.rows for e in entries.values()), sum(e.rejects for e in entries.values())]
     summary.shards, summary.skipped = len(shards), len(shards) - len(pending)
     log.info(
         "featurize: %d shard(s), %d already in %s, %d to do",
@@ -194,31 +204,28 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
         ds = build_dataset(pending, config, storage, described)
         with named_errors():
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for shard, failure, records in assembler.add(batch):
-                    if failure:
-                        log.warning("shard %s: %s (left pending)", shard, failure)
-                        summary.failed.append(shard)
-                        continue
+                for shard, records in assembler.add(batch):
                     columns, features, rejects = split_records(records, k)
-                    _check_budget(totals, len(features), rejects, job.max_reject_fraction, shard)
                     entries[shard] = store.write_shard(
                         shards[shard], columns, features, rejects, job.feature_dtype
                     )
-                    totals[0] += len(features)
-                    totals[1] += len(rejects)
                     summary.written += 1
                     summary.rows += len(features)
                     summary.rejected += len(rejects)
+                    for r in rejects:
+                        summary.reasons[r["reason"]] = summary.reasons.get(r["reason"], 0) + 1
+                    if rejects:
+                        log.warning("shard %s: %d row(s) rejected", shard, len(rejects))
                     bar.update(1)
                     bar.set_postfix(rows=summary.rows, rejected=summary.rejected)
+                    driver_kill(summary.written)  # fault injection (tests); no-op unset
         bar.close()
         summary.featurize_seconds = time.perf_counter() - t0
     # 5. add the new shards' partial Grams and refactorise
     _, summary.fisher_grams_added = update_fisher(store, config.attribution.damping_ratio, entries)
+    summary.store_rows = sum(e.rows for e in entries.values())
+    summary.store_rejected = sum(e.rejects for e in entries.values())
     summary.seconds = time.perf_counter() - start
-    if summary.failed:
-        raise ShardReadError(
-            f"{len(summary.failed)} shard(s) could not be read as tar files: "
-            f"{sorted(summary.failed)[:5]}; replace them and rerun `ctrak reindex`"
-        )
+    # 6. the error budget, over the whole store (the same verdict on a rerun)
+    check_budget(summary, job.max_reject_fraction)
     return summary

@@ -9,6 +9,12 @@ query, and the driver merges those with `ctrak.topk.merge_topk` (exact: merge of
 top-k == global top-k). Rows carry a global id shard_index * 2^32 + row (shards in sorted id
 order), which breaks score ties the same way the single-process engine does on features
 concatenated in that order.
+
+Every feature shard is read with its done-marker and checked against it (size, sha256, and
+the Gram checksum the Fisher was merged from) by the task that scores it: a truncated or
+altered shard is a StoreCorruptError naming it, never a silently different answer. Bad
+queries (empty prompt, a concept not in the prompt without a negative, k <= 0) fail before
+any work.
 """
 
 from __future__ import annotations
@@ -21,19 +27,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ctrak.attribution import Query
+from ctrak.attribution import Query, resolve_negative
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError, ImageShapeError
 from ctrak.kernel import scores, solve
 from ctrak.topk import TopK, merge_topk, topk
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, StorageConfig
+from pipeline.errors import StaleFisherError
 from pipeline.featurize import images_to_tensor, load_attributor
 from pipeline.fisher import current_kernel
-from pipeline.store import FeatureStore, check_provenance, table_features
+from pipeline.store import FeatureStore, check_provenance, check_settings, table_features
 
 ROW_BITS = 32  # global id = shard_index << 32 | row
 HIT_COLUMNS = ("key", "shard", "row", "caption", "metadata")
+MAX_SCORE_TASKS = 1024  # shards are scored in at most this many Ray tasks
 
 
 @dataclass(frozen=True)
@@ -92,11 +100,14 @@ def load_query_image(path: str) -> np.ndarray:
 
 
 def check_specs(specs: list[QuerySpec], config: AttributionConfig, top_k: int) -> None:
-    """Fail before any work: no queries, a bad top-k, or local scope without an image."""
+    """Fail before any work: no queries, a bad top-k, an empty prompt, a concept that is not
+    in its prompt (without a negative), or local scope without an image."""
     if not specs:
         raise ConfigError("no queries: give at least one prompt")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k={top_k!r} must be a positive integer")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r} must be a positive integer, e.g. --top-k 10")
+    for spec in specs:
+        resolve_negative(spec.prompt, spec.concept, spec.negative)  # PromptError, ...
     if config.query.scope == "local":
         missing = [s.prompt for s in specs if s.image is None]
         if missing:
@@ -146,6 +157,35 @@ def score_block(
     )
 
 
+def score_shards(
+    batch: dict[str, np.ndarray],
+    *,
+    store_uri: str,
+    storage: StorageConfig,
+    grams: dict[str, str],
+    x: np.ndarray,
+    top_k: int,
+    shard_index: dict[str, int],
+) -> pa.Table:
+    """Ray Data fn: shard ids (n,) -> their top-k candidate rows per query (`score_block`).
+    Each shard is read through its marker (size + sha256 checked) and must be the one the
+    Fisher was merged from (same Gram checksum)."""
+    store = FeatureStore(store_uri, storage)
+    shards = [str(s) for s in batch["shard"]]
+    entries = store.entries(shards)
+    parts = []
+    for shard in shards:
+        entry = entries[shard]
+        if entry.files["gram"]["sha256"] != grams[shard]:
+            raise StaleFisherError(
+                f"shard {shard} of {store_uri} was rewritten after the Fisher was merged; run "
+                "`ctrak reindex` with this store to refresh it"
+            )
+        table = store.read_features(entry)  # may hold 0 rows (all rejected)
+        parts.append(score_block(table, x=x, top_k=top_k, shard_index=shard_index))
+    return pa.concat_tables(parts)
+
+
 def gather(candidates: pa.Table, num_queries: int, top_k: int) -> list[list[dict]]:
     """Per-block candidates -> per query, the global top-k rows in rank order."""
     out = []
@@ -171,11 +211,12 @@ def run_queries(
 
     job = config.job
     job.require("store", "model")
-    top_k = top_k or job.top_k
+    top_k = job.top_k if top_k is None else top_k
     check_specs(specs, config.attribution, top_k)
     start = time.perf_counter()
     store = FeatureStore(job.store, config.storage.resolved())
     meta = store.metadata()
+    check_settings(meta["provenance"], config.attribution.provenance())  # before any model
     # 1. the Fisher of exactly the finished shards
     kernel, info = current_kernel(store, config.attribution.damping_ratio)
     # 2. g (q, k), once per query, by a worker whose model matches the store
@@ -189,15 +230,22 @@ def run_queries(
     )
     # 3. x = (K + lambda I)^-1 g, solved once: (q, k)
     x = solve(kernel, torch.from_numpy(np.array(g, np.float32))).numpy()
-    # 4. scatter x over the feature shards; top-k per block; gather on the driver
+    # 4. scatter x over the feature shards (each verified against its marker); top-k per
+    #    block; gather on the driver
     shard_ids = sorted(info["shards"])
-    shard_index = {s: i for i, s in enumerate(shard_ids)}
-    ds = ray.data.read_parquet(store.feature_paths(shard_ids), filesystem=store.fs)
+    items = [{"shard": s} for s in shard_ids]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_SCORE_TASKS))
     ds = ds.map_batches(
-        score_block,
+        score_shards,
         batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={"x": x, "top_k": top_k, "shard_index": shard_index},
+        fn_kwargs={
+            "store_uri": job.store,
+            "storage": store.storage,
+            "grams": info["shards"],
+            "x": x,
+            "top_k": top_k,
+            "shard_index": {s: i for i, s in enumerate(shard_ids)},
+        },
     )
     with named_errors():
         blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))

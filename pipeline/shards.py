@@ -4,7 +4,7 @@ Layout (img2dataset, LAION, DataComp, `pipeline/synthetic.py`): `00000.tar` hold
 `{key}.jpg|png|webp`, `{key}.txt` (caption) and `{key}.json` (metadata); members of one
 sample are consecutive. A shard's id is its file name without `.tar` (e.g. "00000"); it names
 every store file of the shard, so it must be a plain name. Tar member names are only ever
-compared as strings, never used as filesystem paths.
+compared as strings, never used as filesystem paths: nothing is extracted to disk.
 
 `decode_shard` is the CPU stage (one Ray task per shard). It streams the tar and yields
 record batches:
@@ -14,9 +14,14 @@ record batches:
 
 - row >= 0, reason "": a decoded sample (S = the model's image size);
 - row >= 0, reason "...": a rejected sample (undecodable, no caption, wrong size or mode,
-  duplicate key, bad metadata) with a zero image - recorded, never silently fixed;
-- row == -1: the shard's end record, `count` = the number of sample records it emitted;
-  a non-empty reason there means the tar itself was unreadable (the shard stays pending).
+  duplicate key, bad metadata) with a zero image - recorded, never silently fixed. A tar that
+  breaks off (truncated) or does not parse at all ends with one rejected record: the sample
+  it broke off in, or key "" for the shard itself ("unreadable tar: ...");
+- row == -1: the shard's end record, `count` = the number of sample records it emitted.
+
+Reading retries transient object-storage errors (`pipeline.storage.Retry`): after a dropped
+connection the tar is reopened and the records already emitted are skipped, so each row is
+emitted once; past storage.retry_limit_s the task fails with StorageUnavailableError.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import StorageConfig
-from pipeline.errors import NoShardsError, StorageError
-from pipeline.storage import filesystem, list_files
+from pipeline.errors import MissingFileError, NoShardsError, StorageError
+from pipeline.storage import exists, filesystem, list_files, redact, retry_policy
 
 SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -51,11 +56,13 @@ class ShardRef:
 def list_shards(data_uri: str, storage: StorageConfig | None = None) -> list[ShardRef]:
     """The `.tar` shards directly under `data_uri` (or the one `.tar` it names), by id."""
     fs, root = filesystem(data_uri, storage)
+    retry = retry_policy(data_uri, storage)
     prefix = data_uri.split("://", 1)[0] + "://" if "://" in data_uri else ""
     if root.endswith(".tar"):
-        files = {root: int(fs.size(root))} if fs.exists(root) else {}
+        found = exists(fs, root, retry)
+        files = {root: int(retry.call(f"sizing {data_uri}", fs.size, root))} if found else {}
     else:
-        files = list_files(fs, root, ".tar")
+        files = list_files(fs, root, ".tar", retry)
     if not files:
         raise NoShardsError(
             f"no .tar shards under {data_uri}: give the folder of an img2dataset WebDataset "
@@ -90,7 +97,9 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         if image.mode != "RGB":
             raise ValueError(f"image mode is {image.mode}, expected RGB")
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise ValueError("undecodable image: not a format Pillow identifies") from None
+    except (OSError, Image.DecompressionBombError) as err:  # truncated, corrupt, bomb
         raise ValueError(f"undecodable image: {err}") from None
     return array
 
@@ -120,32 +129,44 @@ def decode_sample(parts: dict[str, bytes], image_size: int) -> tuple[np.ndarray,
     return decode_image(parts[images[0]], image_size), caption, metadata
 
 
-def iter_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str]]:
+def iter_samples(
+    tar: tarfile.TarFile, salvage: bool = False
+) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """Stream (key, {extension: bytes}, problem) per sample, in tar order. Members of a sample
-    are consecutive; a key seen before, a repeated member or a non-file member is a problem."""
+    are consecutive; a key seen before, a repeated member or a non-file member is a problem.
+
+    A tar that breaks off raises tarfile.TarError, unless `salvage`: then the sample it broke
+    off in (or, before any member, key "") comes last, with the problem "truncated tar ..."."""
     seen: set[str] = set()
     key, parts, problem = None, {}, ""
-    for member in tar:
-        if member.isdir():
-            continue
-        base = member.name.rsplit("/", 1)[-1]
-        stem, _, ext = base.partition(".")
-        name = member.name[: len(member.name) - len(base)] + stem
-        if name != key:
-            if key is not None:
-                yield key, parts, problem
-            key, parts = name, {}
-            problem = "duplicate key" if name in seen else ""
-            seen.add(name)
-        ext = ext.lower()
-        if not member.isfile():
-            problem = problem or f"member {member.name!r} is not a regular file"
-        elif not ext:
-            problem = problem or f"member {member.name!r} has no extension"
-        elif ext in parts:
-            problem = problem or f"member {member.name!r} appears twice"
-        else:
-            parts[ext] = tar.extractfile(member).read()
+    try:
+        for member in tar:
+            if member.isdir():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            stem, _, ext = base.partition(".")
+            name = member.name[: len(member.name) - len(base)] + stem
+            if name != key:
+                if key is not None:
+                    yield key, parts, problem
+                key, parts = name, {}
+                problem = "duplicate key" if name in seen else ""
+                seen.add(name)
+            ext = ext.lower()
+            if not member.isfile():
+                problem = problem or f"member {member.name!r} is not a regular file"
+            elif not ext:
+                problem = problem or f"member {member.name!r} has no extension"
+            elif ext in parts:
+                problem = problem or f"member {member.name!r} appears twice"
+            else:
+                parts[ext] = tar.extractfile(member).read()
+    except tarfile.TarError as err:
+        if not salvage:
+            raise
+        where = "in or after this sample" if key is not None else "before its first sample"
+        yield key or "", parts, f"truncated tar: {err} ({where}; the rest of the tar is lost)"
+        return
     if key is not None:
         yield key, parts, problem
 
@@ -163,37 +184,46 @@ def _batch(records: list[dict], image_size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def shard_records(handle, shard: str, image_size: int) -> Iterator[dict]:
-    """Stream one open tar -> a record per sample (decoded or rejected), then the end record."""
-    count, failure = 0, ""
+def _salvaged_samples(handle) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    """iter_samples(salvage=True) of an open tar file; a tar whose first header does not
+    parse is one problem sample with key ""."""
     try:
-        with tarfile.open(fileobj=handle, mode="r|") as tar:
-            for row, (key, parts, problem) in enumerate(iter_samples(tar)):
-                record = {
-                    "shard": shard,
-                    "row": row,
-                    "key": key,
-                    "caption": "",
-                    "metadata": "",
-                    "reason": problem,
-                }
-                if not problem:
-                    try:
-                        image, caption, metadata = decode_sample(parts, image_size)
-                        record.update(image=image, caption=caption, metadata=metadata)
-                    except ValueError as err:
-                        record["reason"] = str(err)
-                yield record
-                count += 1
+        tar = tarfile.open(fileobj=handle, mode="r|")  # noqa: SIM115 - closed below
     except tarfile.TarError as err:
-        failure = f"unreadable tar: {err}"
+        yield "", {}, f"unreadable tar: {err}"
+        return
+    with tar:
+        yield from iter_samples(tar, salvage=True)
+
+
+def shard_records(handle, shard: str, image_size: int) -> Iterator[dict]:
+    """Stream one open tar -> a record per sample (decoded or rejected), then the end record.
+    I/O errors of `handle` propagate; a tar that does not parse ends in a rejected record."""
+    count = 0
+    for row, (key, parts, problem) in enumerate(_salvaged_samples(handle)):
+        record = {
+            "shard": shard,
+            "row": row,
+            "key": key,
+            "caption": "",
+            "metadata": "",
+            "reason": problem,
+        }
+        if not problem:
+            try:
+                image, caption, metadata = decode_sample(parts, image_size)
+                record.update(image=image, caption=caption, metadata=metadata)
+            except ValueError as err:
+                record["reason"] = str(err)
+        yield record
+        count += 1
     yield {
         "shard": shard,
         "row": -1,
         "key": "",
         "caption": "",
         "metadata": "",
-        "reason": failure,
+        "reason": "",
         "count": count,
     }
 
@@ -207,17 +237,39 @@ def decode_shard(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data map_batches fn: input rows {shard (id), uri} -> record batches (module doc).
 
-    I/O errors propagate (s3fs already retries transient ones) and fail the job, whose
-    finished shards are kept; a tar that does not parse ends the shard with an "unreadable"
-    end record, so the other shards go on."""
+    A transient read error reopens the tar and skips the records already emitted (retried
+    for storage.retry_limit_s of no progress); a missing or forbidden tar is a StorageError
+    that fails the job, whose finished shards are kept."""
     for shard, uri in zip(batch["shard"], batch["uri"], strict=True):
-        fs, path = filesystem(str(uri), storage)
-        with fs.open(path, "rb") as handle:
-            chunk: list[dict] = []
-            for record in shard_records(handle, str(shard), image_size):
-                chunk.append(record)
-                if len(chunk) == rows_per_batch:
-                    yield _batch(chunk, image_size)
-                    chunk = []
-            if chunk:
-                yield _batch(chunk, image_size)
+        shard, uri = str(shard), str(uri)
+        backoff = retry_policy(uri, storage).backoff()
+        chunk: list[dict] = []
+        emitted = 0  # sample records emitted (or queued in chunk) so far
+        while True:
+            try:
+                fs, path = filesystem(uri, storage)
+                with fs.open(path, "rb") as handle:
+                    for record in shard_records(handle, shard, image_size):
+                        if 0 <= record["row"] < emitted:
+                            continue  # emitted before the connection dropped
+                        chunk.append(record)
+                        emitted += record["row"] >= 0
+                        backoff.reset()  # progress: a later failure is a new outage
+                        if len(chunk) == rows_per_batch:
+                            yield _batch(chunk, image_size)
+                            chunk = []
+                break
+            except FileNotFoundError:
+                raise MissingFileError(
+                    f"shard {shard}: {uri} disappeared after it was listed; rerun to list the "
+                    "data again"
+                ) from None
+            except PermissionError as err:
+                raise StorageError(
+                    f"shard {shard}: reading {uri} was refused ({redact(err)}); check the "
+                    "credentials"
+                ) from None
+            except Exception as err:
+                backoff.wait(err, f"reading shard {uri}")
+        if chunk:
+            yield _batch(chunk, image_size)

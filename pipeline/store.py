@@ -14,6 +14,11 @@ A shard counts as finished only when its marker exists, and a marker is written 
 files it describes (each an atomic write: temp + rename locally, one PUT on S3). A crash
 leaves at most files without a marker, which no reader opens and a rerun overwrites under
 the same deterministic names. Partial Grams add up: K = sum_s Phi_s^T Phi_s.
+
+Every read of a shard file is checked against the size and sha256 its marker recorded, and
+a marker or store.json that does not parse is refused: StoreCorruptError names the file and
+the fix (delete the shard's marker, rerun `ctrak reindex`). Object-storage calls retry
+transient errors (`pipeline.storage.Retry`).
 """
 
 from __future__ import annotations
@@ -29,11 +34,27 @@ import torch
 
 from ctrak.kernel import gram
 from pipeline.config import StorageConfig
-from pipeline.errors import ProvenanceMismatchError, StoreCorruptError, StoreNotFoundError
+from pipeline.errors import (
+    MissingFileError,
+    ProvenanceMismatchError,
+    StoreCorruptError,
+    StoreNotFoundError,
+)
 from pipeline.shards import ShardRef
-from pipeline.storage import exists, filesystem, join, list_files, read_bytes, sha256, write_atomic
+from pipeline.storage import (
+    exists,
+    filesystem,
+    join,
+    list_files,
+    read_bytes,
+    retry_policy,
+    sha256,
+    write_atomic,
+)
 
 FORMAT = "ctrak-feature-store/1"
+KINDS = {"features", "gram", "rejects"}  # the files of a finished shard
+MARKER_FIELDS = {"shard", "source", "rows", "rejects", "files"}
 # where each provenance field is set, for the fix in a mismatch message
 SETTING = {
     "model": "job.model",
@@ -76,6 +97,12 @@ def check_provenance(stored: dict, actual: dict, where: str = "this job") -> Non
             f"the store was made with other settings - {lines}. Fix: use the store's settings, "
             "or write to a new store (job.store=NEW_URI)"
         )
+
+
+def check_settings(stored: dict, settings: dict, where: str = "this job") -> None:
+    """check_provenance on the fields `settings` has (e.g. AttributionConfig.provenance():
+    method, timesteps, projection, ...): refuses a store before any model is loaded."""
+    check_provenance({k: stored.get(k) for k in settings}, settings, where)
 
 
 @dataclass(frozen=True)
@@ -123,6 +150,20 @@ def table_features(table: pa.Table) -> np.ndarray:
     return values.reshape(-1, k)
 
 
+def _parse_json(data: bytes, path: str, uri: str) -> dict:
+    try:
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise StoreCorruptError(
+            f"{path} of the store {uri} is not valid JSON ({err}): the file was truncated or "
+            "altered. A done-marker: delete it and run `ctrak reindex`; store.json: restore it "
+            "or write to a new store"
+        ) from None
+    return body
+
+
 def _parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -136,13 +177,29 @@ class FeatureStore:
         self.uri = uri
         self.storage = storage or StorageConfig()
         self.fs, self.root = filesystem(uri, self.storage)
+        self.retry = retry_policy(uri, self.storage)
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)
 
+    # ---- plain I/O with this store's retries ---------------------------------------------
+    def read(self, path: str) -> bytes:
+        return read_bytes(self.fs, path, self.retry)
+
+    def write(self, path: str, data: bytes) -> None:
+        write_atomic(self.fs, path, data, self.retry)
+
+    def has(self, path: str) -> bool:
+        return exists(self.fs, path, self.retry)
+
+    def read_json(self, path: str) -> dict:
+        """A JSON file of the store (store.json, a marker); StoreCorruptError if it does not
+        parse as an object."""
+        return _parse_json(self.read(path), path, self.uri)
+
     # ---- store.json -----------------------------------------------------------------------
     def exists(self) -> bool:
-        return exists(self.fs, self.path("store.json"))
+        return self.has(self.path("store.json"))
 
     def metadata(self) -> dict:
         """store.json; StoreNotFoundError when the store was never created."""
@@ -151,7 +208,7 @@ class FeatureStore:
                 f"no feature store at {self.uri} (store.json missing): run `ctrak featurize` "
                 "with job.store set to it first"
             )
-        return json.loads(read_bytes(self.fs, self.path("store.json")))
+        return self.read_json(self.path("store.json"))
 
     def open(self, provenance: dict, feature_dtype: str, create: bool) -> dict:
         """Create store.json (create=True and absent) or check it against this job's
@@ -164,7 +221,7 @@ class FeatureStore:
         }
         if create and not self.exists():
             body = json.dumps(wanted, indent=1, sort_keys=True) + "\n"
-            write_atomic(self.fs, self.path("store.json"), body.encode())
+            self.write(self.path("store.json"), body.encode())
             return wanted
         meta = self.metadata()
         check_provenance(
@@ -176,7 +233,7 @@ class FeatureStore:
     # ---- finished shards -----------------------------------------------------------------
     def done_ids(self) -> list[str]:
         """Ids of the finished shards (those with a marker), sorted."""
-        markers = list_files(self.fs, self.path("done"), ".json")
+        markers = list_files(self.fs, self.path("done"), ".json", self.retry)
         return sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in markers)
 
     def entries(self, ids: list[str] | None = None) -> dict[str, ShardEntry]:
@@ -185,10 +242,16 @@ class FeatureStore:
         paths = [self.path("done", f"{i}.json") for i in ids]
         if not paths:
             return {}
-        blobs = self.fs.cat(paths)
+        blobs = self.retry.call(f"reading {len(paths)} marker(s) of {self.uri}", self.fs.cat, paths)
         out = {}
         for i, p in zip(ids, paths, strict=True):
-            body = json.loads(blobs[p] if p in blobs else read_bytes(self.fs, p))
+            body = _parse_json(blobs[p], p, self.uri) if p in blobs else self.read_json(p)
+            files = body.get("files")
+            if set(body) != MARKER_FIELDS or not isinstance(files, dict) or set(files) != KINDS:
+                raise StoreCorruptError(
+                    f"{p} is not a done-marker of this store format; delete it and run "
+                    "`ctrak reindex` to recompute the shard"
+                )
             out[i] = ShardEntry(**body)
         return out
 
@@ -224,21 +287,32 @@ class FeatureStore:
         }
         files = {}
         for kind, (relative, data) in blobs.items():
-            write_atomic(self.fs, self.path(relative), data)
+            self.write(self.path(relative), data)
             files[kind] = {"path": relative, "sha256": sha256(data), "bytes": len(data)}
         entry = ShardEntry(shard.id, shard.uri, int(stored.shape[0]), len(rejects), files)
-        write_atomic(self.fs, self.path("done", f"{shard.id}.json"), entry.to_json())
+        self.write(self.path("done", f"{shard.id}.json"), entry.to_json())
         return entry
 
     # ---- reading -------------------------------------------------------------------------
     def read_file(self, entry: ShardEntry, kind: str) -> bytes:
-        """A shard file, verified against the checksum in its marker."""
+        """A shard file, verified against the size and sha256 in its marker."""
         info = entry.files[kind]
-        data = read_bytes(self.fs, self.path(info["path"]))
-        if sha256(data) != info["sha256"]:
+        fix = (
+            f"delete {self.uri}/done/{entry.shard}.json and run `ctrak reindex` with this store "
+            "to recompute the shard"
+        )
+        try:
+            data = self.read(self.path(info["path"]))
+        except MissingFileError:
             raise StoreCorruptError(
-                f"{self.uri}/{info['path']} does not match the checksum in done/{entry.shard}"
-                f".json; delete that marker and run `ctrak reindex` to recompute the shard"
+                f"shard {entry.shard}: {self.uri}/{info['path']} is missing although "
+                f"done/{entry.shard}.json marks the shard finished; {fix}"
+            ) from None
+        if len(data) != info["bytes"] or sha256(data) != info["sha256"]:
+            raise StoreCorruptError(
+                f"shard {entry.shard}: {self.uri}/{info['path']} does not match the checksum in "
+                f"done/{entry.shard}.json ({len(data)} bytes, marker says {info['bytes']}: "
+                f"truncated or altered); {fix}"
             )
         return data
 
@@ -251,16 +325,3 @@ class FeatureStore:
 
     def read_rejects(self, entry: ShardEntry) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_file(entry, "rejects")))
-
-    def feature_paths(self, ids: list[str]) -> list[str]:
-        """Paths of the finished shards' feature files (deterministic names), each checked to
-        exist; no marker is read, so this stays one listing for any number of shards."""
-        listed = list_files(self.fs, self.path("features"), ".parquet")
-        paths = [self.path("features", f"{shard}.parquet") for shard in ids]
-        missing = [p for p in paths if p not in listed]
-        if missing:
-            raise StoreCorruptError(
-                f"{len(missing)} finished shard(s) of {self.uri} have no feature file (e.g. "
-                f"{missing[0]}); delete their done-markers and run `ctrak reindex`"
-            )
-        return paths

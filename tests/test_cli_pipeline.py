@@ -1,7 +1,7 @@
 """`ctrak featurize` and `ctrak query` end to end through `jobs.cli.main`, on a local store
-(a directory) with JSON output: the error budget stops a run without marking the offending
-shard, a rerun with a larger budget records the rejects, and the query's top-k equals the
-engine's on the stored (float16) features."""
+(a directory) with JSON output: a run over the error budget still writes every shard and
+records its rejects but exits non-zero (and so does a rerun), a larger budget passes, and the
+query's top-k equals the engine's on the stored (float16) features."""
 
 from __future__ import annotations
 
@@ -73,18 +73,23 @@ def test_featurize_then_query_through_the_cli(tmp_path, pixel_model_dir, ray_clu
         *SETTINGS,
         "--no-progress",
     ]
-    # 1. the default error budget (1%) stops the run; the shard with rejects stays pending
+    # 1. over the default error budget (1%): every shard is written, rejects recorded, the
+    #    summary printed and saved, and the run still fails
+    summary_path = tmp_path / "featurize.json"
+    assert main(["featurize", *common, "--json", str(summary_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "RejectBudgetError: 2 of 11 rows" in err and "rejects/" in err
+    assert "9 rows featurized, 2 rejected" in out and "missing caption" in out
+    assert json.loads(summary_path.read_text())["rejected"] == 2
+    # 2. a rerun reaches the same verdict without redoing anything; a larger budget passes
     assert main(["featurize", *common]) == 2
     assert "RejectBudgetError" in capsys.readouterr().err
-    assert "extra" not in FeatureStore(str(store)).done_ids()
-    # 2. a larger budget: the rest is featurized, the rejects recorded
-    summary_path = tmp_path / "featurize.json"
     assert (
         main(["featurize", *common, "job.max_reject_fraction=0.5", "--json", str(summary_path)])
         == 0
     )
     summary = json.loads(summary_path.read_text())
-    assert summary["skipped"] + summary["written"] == 3 and summary["failed"] == []
+    assert (summary["skipped"], summary["written"], summary["store_rejected"]) == (3, 0, 2)
     assert "samples/s" in capsys.readouterr().out
     feature_store = FeatureStore(str(store))
     entries = feature_store.entries()

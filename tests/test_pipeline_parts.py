@@ -94,14 +94,27 @@ def test_decode_records_every_problem_as_a_reject(tmp_path):
     assert all(not r["image"].any() for r in rows if r["reason"])  # rejects carry no pixels
 
 
-def test_unreadable_and_empty_tars(tmp_path):
+def test_unreadable_truncated_and_empty_tars(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"\x00garbage" * 100)
-    (end,) = _decode(tmp_path / "bad.tar", "bad")
-    assert end["row"] == -1 and end["reason"].startswith("unreadable tar")
+    bad, end = _decode(tmp_path / "bad.tar", "bad")
+    assert (bad["row"], bad["key"]) == (0, "") and bad["reason"].startswith("unreadable tar")
+    assert (end["row"], end["count"], end["reason"]) == (-1, 1, "")
+    # a tar cut off inside its third sample: two samples decode, the third is the reject
+    members = []
+    for i in range(3):
+        members += [(f"00000000{i}.png", _png(16)), (f"00000000{i}.txt", b"a red circle")]
+    _tar(tmp_path / "whole.tar", members)
+    data = (tmp_path / "whole.tar").read_bytes()
+    offset = data.index(b"000000002.png")  # the third sample's first header
+    (tmp_path / "cut.tar").write_bytes(data[: offset + 700])
+    *rows, end = _decode(tmp_path / "cut.tar", "cut")
+    assert [r["reason"] for r in rows[:2]] == ["", ""]
+    assert rows[2]["key"] == "000000002" and rows[2]["reason"].startswith("truncated tar")
+    assert (end["row"], end["count"]) == (-1, 3)
     _tar(tmp_path / "empty.tar", [])
     (end,) = _decode(tmp_path / "empty.tar", "empty")
     assert (end["row"], end["count"], end["reason"]) == (-1, 0, "")
-    assert [s.id for s in list_shards(str(tmp_path))] == ["bad", "empty"]
+    assert [s.id for s in list_shards(str(tmp_path))] == ["bad", "cut", "empty", "whole"]
 
 
 def _records(shard: str, rows: list[int], k: int = 4) -> dict[str, np.ndarray]:
@@ -123,12 +136,12 @@ def test_assembler_completes_shards_out_of_order_and_ignores_duplicates():
     assert assembler.add(_records("a", [-1, 2])) == []  # the end record may come first
     assert assembler.add(_records("b", [0, 1, 2])) == []
     assert assembler.add(_records("a", [2, 0])) == []  # a retried task's duplicate row 2
-    ((shard, failure, records),) = assembler.add(_records("a", [1]))
-    assert (shard, failure, [r.row for r in records]) == ("a", "", [0, 1, 2])
+    ((shard, records),) = assembler.add(_records("a", [1]))
+    assert (shard, [r.row for r in records]) == ("a", [0, 1, 2])
     columns, features, rejects = split_records(records, k=4)
     assert columns["row"] == [0, 2] and features.shape == (2, 4)
     assert rejects == [{"row": 1, "key": "a-1", "reason": "duplicate key"}]
-    assert [s for s, _, _ in assembler.add(_records("b", [-1]))] == ["b"]
+    assert [s for s, _ in assembler.add(_records("b", [-1]))] == ["b"]
 
 
 def test_per_block_topk_merges_to_the_dense_topk():
@@ -190,6 +203,7 @@ def test_storage_credentials_come_from_the_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-env")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     options = StorageConfig().resolved().s3fs_options()
+    assert options.pop("config_kwargs")["retries"]["total_max_attempts"] == 2
     assert options == {
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
         "key": "AKIA-env",

@@ -77,10 +77,10 @@ def test_crash_before_marker_leaves_shard_pending(tmp_path, monkeypatch):
     store.open(PROVENANCE, "float16", create=True)
     _shard(store, "00000", 4, seed=1)
 
-    def crash(fs, path, data):
+    def crash(fs, path, data, retry):
         if "/done/" in path:
             raise KeyboardInterrupt("killed before the marker")
-        write_atomic(fs, path, data)
+        write_atomic(fs, path, data, retry)
 
     monkeypatch.setattr("pipeline.store.write_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
@@ -147,3 +147,44 @@ def test_corrupt_gram_is_refused(tmp_path):
     gram_file.write_bytes(gram_file.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(StoreCorruptError, match=r"done/00000\.json"):
         update_fisher(store, ratio=1.0)
+
+
+def test_truncated_altered_or_missing_shard_files_are_named(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    _shard(store, "00000", 4, 1)
+    (entry,) = store.entries().values()
+    features = tmp_path / "store/features/00000.parquet"
+    data = features.read_bytes()
+    fix = r"delete .*done/00000\.json and run `ctrak reindex`"
+    for broken in (data[:-9], data[:50] + bytes([data[50] ^ 4]) + data[51:]):
+        features.write_bytes(broken)
+        with pytest.raises(StoreCorruptError, match=rf"shard 00000: .*checksum.*; {fix}"):
+            store.read_features(entry)
+    features.unlink()
+    with pytest.raises(StoreCorruptError, match=rf"shard 00000: .*is missing.*; {fix}"):
+        store.read_features(entry)
+    # a marker that does not parse, or is not a marker, is refused by name
+    marker = tmp_path / "store/done/00000.json"
+    body = marker.read_text()
+    marker.write_text(body[: len(body) // 2])
+    with pytest.raises(StoreCorruptError, match=r"done/00000\.json .* not valid JSON"):
+        store.entries()
+    marker.write_text('{"shard": "00000"}')
+    with pytest.raises(StoreCorruptError, match="not a done-marker"):
+        store.entries()
+
+
+def test_corrupt_fisher_names_the_fix_and_the_fix_works(tmp_path):
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, "float16", create=True)
+    _shard(store, "00000", 4, 1)
+    update_fisher(store, ratio=1.0)
+    kernel_file = tmp_path / "store/fisher/kernel.npz"
+    good = current_kernel(store, 1.0)[0].K
+    kernel_file.write_bytes(kernel_file.read_bytes()[:-5])
+    with pytest.raises(StoreCorruptError, match=r"delete fisher/fisher\.json and run `ctrak"):
+        current_kernel(store, 1.0)
+    (tmp_path / "store/fisher/fisher.json").unlink()
+    assert update_fisher(store, ratio=1.0)[1] == 1  # re-merged from the shard's Gram
+    assert torch.equal(current_kernel(store, 1.0)[0].K, good)
