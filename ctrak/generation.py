@@ -35,14 +35,19 @@ def sample(
     guidance: float = 3.0,
     keep: Sequence[int] = (),
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """prompts (B,) -> (x0 (B, C, h, w), {t: x_t (B, C, h, w)} for t in keep).
+    """prompts (B,) -> (x0 (B, C, h, w), {t: x_t (B, C, h, w)} for t in keep), float32.
 
-    Draw b uses initial noise `first_draw + b`; x0 is in model space (latent or pixel)."""
+    Draw b uses initial noise `first_draw + b`; x0 is in model space (latent or pixel). The
+    DDIM arithmetic runs in float64: at abar ~ 0 (the first steps of a pixel schedule) the
+    Tweedie estimate divides by sqrt(abar) ~ 5e-5 and float32 trajectories drift visibly."""
     cond = model.encode_prompts(prompts)
     uncond = model.null_condition(len(prompts))
-    x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts)))
+    x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts))).double()
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
-    return ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, keep, clip_x0=model.clip_x0)
+    x0, states = ddim_sample(
+        eps_fn, x_T, model.alphas_cumprod, num_steps, keep, clip_x0=model.clip_x0
+    )
+    return x0.float(), {t: x.float() for t, x in states.items()}
 
 
 def generate_images(

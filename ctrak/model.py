@@ -226,9 +226,12 @@ class DiffusionModel:
             out = torch.func.functional_call(self.unet, params, args, kwargs).sample
         out = upcast(out)
         if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod.to(x_t.device)[t_tensor].to(out.dtype)
+            # in the precision of x_t (float64 while sampling): near abar = 0 the Tweedie
+            # estimate divides by sqrt(abar) and float32 loses it
+            dtype = torch.promote_types(out.dtype, upcast(x_t).dtype)
+            abar = self.alphas_cumprod.to(x_t.device)[t_tensor].to(dtype)
             abar = abar.reshape(-1, *([1] * (x_t.dim() - 1)))
-            out = abar.sqrt() * out + (1 - abar).sqrt() * upcast(x_t)
+            out = abar.sqrt() * out.to(dtype) + (1 - abar).sqrt() * x_t.to(dtype)
         elif self.prediction_type != "epsilon":
             raise ModelLoadError(f"prediction_type {self.prediction_type!r} is not supported")
         return out
