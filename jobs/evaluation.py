@@ -114,7 +114,7 @@ def query_images(
     """caption -> {"images": (n, 3, H, W), "generated": int, "kept": int}."""
     out = {}
     for i, combo in enumerate(world_combos(world)):
-        kept, generated = [], 0
+        kept, generated, drawn = [], 0, []
         for attempt in range(max_tries):
             batch = generate_images(
                 model,
@@ -124,16 +124,20 @@ def query_images(
                 guidance=guidance,
             )
             generated += per_combo
+            drawn.extend(batch)
             for image in batch:
                 array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
                 if not keep_only_correct or classify(array, world) == (combo.shape, combo.colour):
                     kept.append(image)
             if len(kept) >= per_combo or not keep_only_correct:
                 break
+        confirmed = min(len(kept), per_combo)
+        if not kept:  # the classifier confirmed none: attribute what the model drew, say so
+            kept = drawn[:per_combo]
         out[combo.caption] = {
-            "images": torch.stack(kept[:per_combo]) if kept else None,
+            "images": torch.stack(kept[:per_combo]),
             "generated": generated,
-            "kept": min(len(kept), per_combo),
+            "kept": confirmed,
             "heldout": combo.heldout,
             "shape": combo.shape,
             "colour": combo.colour,
