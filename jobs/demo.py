@@ -62,7 +62,7 @@ def query_images(model, world: str, prompt: str, n: int, work: Path) -> list[Pat
     combo = next((c for c in world_combos(world) if c.caption == prompt), None)
     out, kept = work / "queries", []
     out.mkdir(parents=True, exist_ok=True)
-    for attempt in range(8):
+    for attempt in range(3):
         batch = _uint8(generate_images(model, [prompt] * max(n, 4), seed=1234 + attempt))
         for array in batch:
             if combo is None or classify(array, world) == (combo.shape, combo.colour):
