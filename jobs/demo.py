@@ -63,7 +63,9 @@ def query_images(model, world: str, prompt: str, n: int, work: Path) -> list[Pat
     out, kept = work / "queries", []
     out.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
-        batch = _uint8(generate_images(model, [prompt] * max(n, 4), seed=1234 + attempt))
+        batch = _uint8(
+            generate_images(model, [prompt] * max(n, 4), seed=1234 + attempt, guidance=1.0)
+        )
         for array in batch:
             if combo is None or classify(array, world) == (combo.shape, combo.colour):
                 path = out / f"query-{len(kept):02d}.png"

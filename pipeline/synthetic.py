@@ -192,16 +192,34 @@ def _template(shape: str, height: int, width: int) -> np.ndarray:
     return np.asarray(crop.resize((width, height), Image.NEAREST), dtype=bool)
 
 
+def _foreground(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels far from the background colour (median of the border), minus
+    speckles (pixels with fewer than 2 foreground pixels among their 8 neighbours)."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    mask = np.abs(rgb - np.median(border, axis=0)).max(axis=2) > 70
+    padded = np.pad(mask, 1).astype(int)
+    height, width = mask.shape
+    neighbours = sum(
+        padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if dy or dx
+    )
+    return mask & (neighbours >= 2)
+
+
 def classify(image: np.ndarray, world: World) -> tuple[str | None, str | None]:
     """(shape, colour) of an image of the world, or None where it shows no clear answer.
 
-    image (H, W, 3) uint8. Colour: nearest palette colour to the median of saturated
-    pixels. Shape: the world's shape whose template, stretched to the bounding box of the
-    non-white pixels, overlaps them best (IoU >= 0.6).
+    image (H, W, 3) uint8. Foreground: pixels far from the border's median colour, speckles
+    removed. Colour: nearest palette colour to the median of saturated foreground pixels.
+    Shape: a triangle when the top third is much narrower than the bottom third, else the
+    world's shape whose template, stretched to the foreground's bounding box, overlaps it
+    best (IoU >= 0.6). A filter for generated query images (METHOD.md section 7).
     """
     spec = _world(world)
     rgb = image.astype(np.float32)
-    mask = np.abs(rgb - 255).max(axis=2) > 60  # (H, W) not white
+    mask = _foreground(rgb)  # (H, W)
     rows, cols = np.nonzero(mask.sum(axis=1) >= 2)[0], np.nonzero(mask.sum(axis=0) >= 2)[0]
     if mask.sum() < 6 or len(rows) < 3 or len(cols) < 3:
         return None, None
@@ -218,6 +236,14 @@ def classify(image: np.ndarray, world: World) -> tuple[str | None, str | None]:
     for shape in spec["shapes"]:
         tmpl = _template(shape, y1 - y0, x1 - x0)
         iou[shape] = float((tmpl & box).sum() / max((tmpl | box).sum(), 1))
+    # the apex-up triangle is the one shape much narrower in its top third than its bottom
+    # third (ratio ~0.2; 1 for the others): IoU alone confuses small pixelated triangles
+    third = max(box.shape[0] // 3, 1)
+    taper = box[:third].sum() / max(box[-third:].sum(), 1)
+    if "triangle" in iou:
+        if taper < 0.6 and iou["triangle"] >= 0.5:
+            return "triangle", colour
+        iou.pop("triangle")
     best_shape = max(iou, key=iou.get)
     return (best_shape if iou[best_shape] >= 0.6 else None), colour
 

@@ -152,5 +152,6 @@ def test_train_toy_tiny_run(tmp_path):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
     model = DiffusionModel.load(out / "model")
     assert model.image_size == 16 and model.vae is None
+    assert model.prediction_type == "v_prediction"  # the default target (see train_toy doc)
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert set(summary["samples"]) == {c.caption for c in world_combos("paper")}
