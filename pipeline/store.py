@@ -2,8 +2,13 @@
 
     <store>/store.json               provenance (model hash, method, timesteps, inversion,
                                      projection seed/k/kind, code version) + feature dtype
-    <store>/features/<shard>.parquet key, shard, row, caption, metadata,
-                                     feature fixed_size_list<float16|float32>[k]
+    <store>/features/<shard>.parquet key, shard, row, caption, metadata (snappy; shard,
+                                     caption, metadata dictionary-encoded),
+                                     feature fixed_size_binary(k * itemsize): row-major
+                                     float16|float32 (field metadata `dtype`), PLAIN, no
+                                     compression, no dictionary: decodes at memory-copy speed;
+                                     feature_norm float32 ||phi_i||_2 of the stored values
+                                     (the float32 screen's error bound, `ctrak.screen`)
     <store>/grams/<shard>.npy        Phi_s^T Phi_s (k, k) float64 of the STORED values
     <store>/rejects/<shard>.parquet  shard, row, key, reason
     <store>/done/<shard>.json        the shard's marker, written LAST: row counts and the
@@ -19,12 +24,17 @@ Every read of a shard file is checked against the size and sha256 its marker rec
 a marker or store.json that does not parse is refused: StoreCorruptError names the file and
 the fix (delete the shard's marker, rerun `ctrak reindex`). Object-storage calls retry
 transient errors (`pipeline.storage.Retry`).
+
+Stores written before the fixed_size_binary layout hold `feature` as
+fixed_size_list<float16|float32>[k] (dictionary-encoded, snappy) without `feature_norm`; they
+read unchanged (`feature_view` takes both layouts), only slower to scan.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,28 +136,84 @@ class ShardEntry:
         return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
 
+FEATURE_COLUMNS = ("feature", "feature_norm")  # written PLAIN: no dictionary, no compression
+UNIQUE_COLUMNS = ("key", "row")  # one value per row: a dictionary would only cost
+
+
 def feature_table(shard: str, columns: dict, features: np.ndarray) -> pa.Table:
-    """columns {row (n,), key, caption, metadata (n,)} + features (n, k) stored dtype -> table."""
+    """columns {row (n,), key, caption, metadata (n,)} + features (n, k) stored dtype -> table:
+    feature fixed_size_binary(k * itemsize) (n,) + feature_norm (n,) float32."""
     n, k = features.shape
-    feature = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), k)
-    return pa.table(
-        {
-            "key": pa.array(list(columns["key"]), pa.string()),
-            "shard": pa.array([shard] * n, pa.string()),
-            "row": pa.array(columns["row"], pa.int64()),
-            "caption": pa.array(list(columns["caption"]), pa.string()),
-            "metadata": pa.array(list(columns["metadata"]), pa.string()),
-            "feature": feature,
-        }
+    phi = np.ascontiguousarray(features)
+    width = k * phi.dtype.itemsize
+    feature = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(phi.reshape(-1).view(np.uint8))]
     )
+    norms = np.linalg.norm(phi.astype(np.float64), axis=1).astype(np.float32)  # (n,)
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("row", pa.int64()),
+            ("caption", pa.string()),
+            ("metadata", pa.string()),
+            pa.field("feature", pa.binary(width), False, {"dtype": phi.dtype.name}),
+            pa.field("feature_norm", pa.float32(), False),
+        ]
+    )
+    arrays = [
+        pa.array(list(columns["key"]), pa.string()),
+        pa.array([shard] * n, pa.string()),
+        pa.array(columns["row"], pa.int64()),
+        pa.array(list(columns["caption"]), pa.string()),
+        pa.array(list(columns["metadata"]), pa.string()),
+        feature,
+        pa.array(norms),
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def table_features(table: pa.Table) -> np.ndarray:
-    """The `feature` column -> (n, k) array in the stored dtype."""
-    column = table.column("feature").combine_chunks()
-    k = column.type.list_size
-    values = column.flatten().to_numpy(zero_copy_only=False, writable=True)  # honours slices
-    return values.reshape(-1, k)
+def feature_view(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The `feature` column -> (n, k) read-only array in the stored dtype: a zero-copy view of
+    the fixed_size_binary layout (of one chunk; several are combined first), or the values of
+    an older store's fixed_size_list column."""
+    column = table.column("feature")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):  # older stores
+        k = column.type.list_size
+        values = column.flatten().to_numpy(zero_copy_only=False)  # honours slices
+        return values.reshape(-1, k)
+    field = table.schema.field("feature")
+    dtype = (field.metadata or {}).get(b"dtype")
+    if not pa.types.is_fixed_size_binary(column.type) or dtype is None or column.null_count:
+        raise StoreCorruptError(
+            f"the feature column ({column.type}, metadata {field.metadata}, "
+            f"{column.null_count} nulls) is not a feature-store layout: expected "
+            "fixed_size_binary with field metadata `dtype` and no nulls, or "
+            "fixed_size_list<float16|float32>; delete the shard's done-marker and run "
+            "`ctrak reindex` to rewrite it"
+        )
+    dtype = np.dtype(dtype.decode())
+    n, width = len(column), column.type.byte_width
+    data = column.buffers()[1]
+    if n == 0 or data is None:
+        return np.empty((n, width // dtype.itemsize), dtype)
+    view = np.frombuffer(data, dtype, n * width // dtype.itemsize, column.offset * width)
+    return view.reshape(n, width // dtype.itemsize)
+
+
+def table_features(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The `feature` column -> (n, k) array in the stored dtype (a writable copy; both
+    layouts)."""
+    return feature_view(table).copy()
+
+
+def feature_norms(table: pa.Table | pa.RecordBatch) -> np.ndarray | None:
+    """||phi_i||_2 (n,) float32 as stored, or None for an older store without the column."""
+    if "feature_norm" not in table.schema.names:
+        return None
+    return np.asarray(table.column("feature_norm"), np.float32)
 
 
 def _parse_json(data: bytes, path: str, uri: str) -> dict:
@@ -164,10 +230,31 @@ def _parse_json(data: bytes, path: str, uri: str) -> dict:
     return body
 
 
-def _parquet(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes: FEATURE_COLUMNS PLAIN (no dictionary, compression or statistics: float16
+    bytes are incompressible and so decode at memory-copy speed), UNIQUE_COLUMNS snappy, the
+    rest snappy and dictionary-encoded (falls back to plain where values do not repeat)."""
+    names = table.column_names
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    pq.write_table(
+        table,
+        buffer,
+        use_dictionary=[c for c in names if c not in FEATURE_COLUMNS + UNIQUE_COLUMNS],
+        compression={c: "none" if c in FEATURE_COLUMNS else "snappy" for c in names},
+        write_statistics=[c for c in names if c not in FEATURE_COLUMNS],
+    )
     return buffer.getvalue()
+
+
+def parquet_batches(data: bytes | pa.Buffer, rows: int) -> Iterator[pa.RecordBatch]:
+    """A feature file's bytes -> record batches of up to `rows` rows, each decoded when asked
+    for, in this thread (a scan's working set stays in cache), `shard` as a dictionary (one
+    value per file); one empty batch for a file without rows."""
+    parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["shard"])
+    if parquet.metadata.num_rows == 0:
+        yield pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow)
+        return
+    yield from parquet.iter_batches(batch_size=rows, use_threads=False)
 
 
 class FeatureStore:
@@ -280,10 +367,10 @@ class FeatureStore:
         blobs = {
             "features": (
                 f"features/{shard.id}.parquet",
-                _parquet(feature_table(shard.id, columns, stored)),
+                parquet_bytes(feature_table(shard.id, columns, stored)),
             ),
             "gram": (f"grams/{shard.id}.npy", gram_buffer.getvalue()),
-            "rejects": (f"rejects/{shard.id}.parquet", _parquet(reject_table)),
+            "rejects": (f"rejects/{shard.id}.parquet", parquet_bytes(reject_table)),
         }
         files = {}
         for kind, (relative, data) in blobs.items():
@@ -321,7 +408,11 @@ class FeatureStore:
         return np.load(io.BytesIO(self.read_file(entry, "gram")))
 
     def read_features(self, entry: ShardEntry) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_file(entry, "features")))
+        return pq.read_table(pa.BufferReader(self.read_file(entry, "features")))
+
+    def feature_batches(self, entry: ShardEntry, rows: int) -> Iterator[pa.RecordBatch]:
+        """The shard's feature table (verified) as record batches (`parquet_batches`)."""
+        return parquet_batches(self.read_file(entry, "features"), rows)
 
     def read_rejects(self, entry: ShardEntry) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_file(entry, "rejects")))
+        return pq.read_table(pa.BufferReader(self.read_file(entry, "rejects")))

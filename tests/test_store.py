@@ -1,11 +1,15 @@
-"""The feature store and the Fisher artifact without Ray: atomic shard writes and resume,
-provenance refusal, partial Grams vs the dense Gram, incremental vs full Fisher merge."""
+"""The feature store and the Fisher artifact without Ray: the feature layout (exact round
+trip, older stores still read), atomic shard writes and resume, provenance refusal, partial
+Grams vs the dense Gram, incremental vs full Fisher merge."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -17,9 +21,17 @@ from pipeline.errors import (
     StoreNotFoundError,
 )
 from pipeline.fisher import current_kernel, fisher_info, update_fisher
+from pipeline.query import score_block
 from pipeline.shards import ShardRef
 from pipeline.storage import write_atomic
-from pipeline.store import FeatureStore, check_provenance, table_features
+from pipeline.store import (
+    FeatureStore,
+    check_provenance,
+    feature_table,
+    feature_view,
+    parquet_batches,
+    table_features,
+)
 
 K = 8
 PROVENANCE = {"model": "abc", "method": "concept-trak", "projection_k": K, "projection_seed": 0}
@@ -61,15 +73,100 @@ def test_layout_and_stored_precision(tmp_path):
     (entry,) = store.entries().values()
     assert (entry.rows, entry.rejects, entry.source) == (5, 1, "/data/00000.tar")
     table = store.read_features(entry)
-    assert str(table.schema.field("feature").type) == "fixed_size_list<element: halffloat>[8]"
-    assert table.column_names == ["key", "shard", "row", "caption", "metadata", "feature"]
+    field = table.schema.field("feature")
+    assert str(field.type) == "fixed_size_binary[16]" and field.metadata == {b"dtype": b"float16"}
+    assert table.column_names == [
+        "key",
+        "shard",
+        "row",
+        "caption",
+        "metadata",
+        "feature",
+        "feature_norm",
+    ]
     stored = table_features(table)
     np.testing.assert_array_equal(stored, features.astype(np.float16))
+    norms = np.linalg.norm(stored.astype(np.float64), axis=1)
+    np.testing.assert_allclose(table.column("feature_norm").to_numpy(), norms, rtol=1e-7)
     # the partial Gram is the Gram of the STORED values, exactly
     np.testing.assert_array_equal(store.load_gram(entry), gram(torch.from_numpy(stored)).numpy())
     assert store.read_rejects(entry).column("reason").to_pylist() == [
         "missing caption (.txt member)"
     ]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_feature_layout_round_trips_exactly(tmp_path, dtype):
+    """Stored features read back bit for bit: the whole table, sliced tables, and the record
+    batches a query scans; the feature column is PLAIN and uncompressed, the rest snappy."""
+    store = FeatureStore(str(tmp_path / "store"))
+    store.open(PROVENANCE, dtype, create=True)
+    features = _shard(store, "00000", 37, seed=4, dtype=dtype)
+    features[5] = [np.inf, -0.0, 1e-7, 65504, -1e-30, 3.0, np.nan, 7.0]  # edge values
+    store.write_shard(
+        ShardRef("00000", "/data/00000.tar", 0),
+        {
+            "row": list(range(37)),
+            "key": [f"k{i}" for i in range(37)],
+            "caption": ["c"] * 37,
+            "metadata": ["{}"] * 37,
+        },
+        features,
+        [],
+        dtype,
+    )
+    (entry,) = store.entries().values()
+    written = features.astype(dtype)  # (37, 8)
+    table = store.read_features(entry)
+    read = table_features(table)
+    assert read.dtype == np.dtype(dtype) and read.shape == (37, K)
+    assert read.tobytes() == written.tobytes()  # NaN, -0.0 and inf included
+    assert table_features(table.slice(30, 5)).tobytes() == written[30:35].tobytes()
+    batches = list(store.feature_batches(entry, rows=10))
+    assert [b.num_rows for b in batches] == [10, 10, 10, 7]
+    scanned = np.concatenate([feature_view(b) for b in batches])
+    assert scanned.tobytes() == written.tobytes()
+    column = pq.ParquetFile(tmp_path / "store/features/00000.parquet").metadata.row_group(0)
+    codecs = {column.column(i).path_in_schema: column.column(i) for i in range(7)}
+    assert codecs["feature"].compression == "UNCOMPRESSED"
+    assert "RLE_DICTIONARY" not in codecs["feature"].encodings
+    assert codecs["caption"].compression == "SNAPPY"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_older_fixed_size_list_stores_still_read_and_score(dtype):
+    """A feature file of the earlier layout (fixed_size_list, pq.write_table defaults, no
+    feature_norm) reads to the same features and scores to the same hits as the new one."""
+    rng = np.random.default_rng(7)
+    phi = rng.standard_normal((23, K)).astype(dtype)
+    columns = {
+        "row": list(range(23)),
+        "key": [f"k{i}" for i in range(23)],
+        "caption": ["c"] * 23,
+        "metadata": ["{}"] * 23,
+    }
+    new = feature_table("00000", columns, phi)
+    old = new.drop_columns(["feature", "feature_norm"]).append_column(
+        "feature", pa.FixedSizeListArray.from_arrays(pa.array(phi.reshape(-1)), K)
+    )
+    buffer = io.BytesIO()
+    pq.write_table(old, buffer)  # the earlier writer: dictionary + snappy everywhere
+    read = pq.read_table(pa.BufferReader(buffer.getvalue()))
+    assert str(read.schema.field("feature").type).startswith("fixed_size_list")
+    assert table_features(read).tobytes() == phi.tobytes()
+    assert table_features(read.slice(4, 9)).tobytes() == phi[4:13].tobytes()
+    x = rng.standard_normal((3, K))
+    (block,) = parquet_batches(buffer.getvalue(), rows=100)
+    hits = score_block(block, x=x, top_k=4, shard_index={"00000": 0})
+    same = score_block(feature_table("00000", columns, phi), x=x, top_k=4, shard_index={"00000": 0})
+    assert hits.column("row").to_pylist() == same.column("row").to_pylist()
+    np.testing.assert_allclose(hits["score"].to_numpy(), same["score"].to_numpy(), rtol=1e-12)
+
+
+def test_a_feature_column_of_another_layout_is_named():
+    table = pa.table({"feature": pa.array([b"ab", b"cd"], pa.binary(2))})  # no dtype
+    with pytest.raises(StoreCorruptError, match="fixed_size_binary with field metadata"):
+        table_features(table)
 
 
 def test_crash_before_marker_leaves_shard_pending(tmp_path, monkeypatch):
