@@ -4,11 +4,13 @@
     x_q = (K + lambda I)^-1 g_q, once per query           (Cholesky of the stored Fisher)
     I(z_i, q) = x_q^T phi_i                               (per block, map_batches)
 
-Several queries share one pass: x (q, k) goes to every block, each block keeps its top-k per
-query, and the driver merges those with `ctrak.topk.merge_topk` (exact: merge of per-block
-top-k == global top-k). Rows carry a global id shard_index * 2^32 + row (shards in sorted id
-order), which breaks score ties the same way the single-process engine does on features
-concatenated in that order.
+Several queries share one pass: x (q, k) goes to every shard, which is decoded and scored
+SCAN_ROWS rows at a time. Each block keeps its top-k per query (`ctrak.screen.exact_topk`: a
+float32 screen, then float64 scores of the few rows that can reach the top-k - the float64
+ranking exactly), each shard merges its blocks' and the driver the shards' top-k in
+`ctrak.topk`'s order (exact: merge of per-block top-k == global top-k). Rows carry a
+global id shard_index * 2^32 + row (shards in sorted id order), which breaks score ties the
+same way the single-process engine does on features concatenated in that order.
 
 Every feature shard is read with its done-marker and checked against it (size, sha256, and
 the Gram checksum the Fisher was merged from) by the task that scores it: a truncated or
@@ -21,27 +23,37 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ctrak.attribution import Query, resolve_negative
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError, ImageShapeError
-from ctrak.kernel import scores, solve
-from ctrak.topk import TopK, merge_topk, topk
+from ctrak.kernel import solve
+from ctrak.screen import exact_topk
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import StaleFisherError
 from pipeline.featurize import images_to_tensor, load_attributor
 from pipeline.fisher import current_kernel
-from pipeline.store import FeatureStore, check_provenance, check_settings, table_features
+from pipeline.store import (
+    FeatureStore,
+    check_provenance,
+    check_settings,
+    feature_norms,
+    feature_view,
+)
 
 ROW_BITS = 32  # global id = shard_index << 32 | row
 HIT_COLUMNS = ("key", "shard", "row", "caption", "metadata")
 MAX_SCORE_TASKS = 1024  # shards are scored in at most this many Ray tasks
+SCAN_ROWS = 16384  # rows decoded and scored at a time: 32 MB of float16 at k = 1024
 
 
 @dataclass(frozen=True)
@@ -131,30 +143,77 @@ def query_gradients(
     return torch.stack(rows).numpy()
 
 
+def global_ids(batch: pa.Table | pa.RecordBatch, shard_index: dict[str, int]) -> np.ndarray:
+    """shard, row (n,) -> gid = shard_index[shard] << 32 | row (n,) int64."""
+    shard = batch.column("shard")
+    if isinstance(shard, pa.ChunkedArray):
+        shard = shard.combine_chunks()
+    if not pa.types.is_dictionary(shard.type):
+        shard = pc.dictionary_encode(shard)  # a feature file reads it as one already
+    index = np.array([shard_index[s] for s in shard.dictionary.to_pylist()], np.int64)
+    which = np.asarray(shard.indices, np.int64)  # (n,)
+    return index[which] << ROW_BITS | np.asarray(batch.column("row"), np.int64)
+
+
 def score_block(
-    batch: pa.Table, *, x: np.ndarray, top_k: int, shard_index: dict[str, int]
+    batch: pa.Table | pa.RecordBatch, *, x: np.ndarray, top_k: int, shard_index: dict[str, int]
 ) -> pa.Table:
-    """A block of feature rows (n,) and x (q, k) -> its top-k rows per query, flattened:
-    query, gid, score + the hit columns (q * min(top_k, n) rows)."""
-    shard = batch.column("shard").to_pylist()
-    row = batch.column("row").to_numpy()
-    gid = np.array([shard_index[s] for s in shard], np.int64) << ROW_BITS | row  # (n,)
-    order = np.argsort(gid, kind="stable")  # ascending gid: ties resolve like the engine
-    batch, gid = batch.take(pa.array(order)), gid[order]
-    phi = torch.from_numpy(table_features(batch))  # (n, k) stored dtype
-    s = scores(phi, torch.tensor(x))  # (q, n) float64 (x arrives read-only)
-    best = topk(s, top_k)  # values/indices (q, m), indices local
+    """A block of feature rows (n,) and x (q, k) float64 -> its top-k rows per query, flattened:
+    query, gid, score + the hit columns (q * min(top_k, n) rows). Scores and ranking are the
+    float64 ones (ties by ascending gid, like the engine): a float32 screen of the stored
+    rows, then a float64 rescore of the few that can reach the top-k (`ctrak.screen`)."""
+    gid = global_ids(batch, shard_index)  # (n,)
+    norms = feature_norms(batch)  # (n,) or None (an older store)
+    with warnings.catch_warnings():  # read-only views of the decoded block, never written
+        warnings.simplefilter("ignore", UserWarning)
+        phi = torch.from_numpy(feature_view(batch))  # (n, k) stored dtype
+        norms = None if norms is None else torch.from_numpy(norms)
+    best = exact_topk(phi, torch.tensor(x), top_k, torch.from_numpy(gid), norms)  # (q, m)
     q, m = best.indices.shape
-    local = best.indices.reshape(-1).numpy()  # (q * m,)
-    picked = batch.take(pa.array(local))
+    local = best.indices.reshape(-1).numpy()  # (q * m,) rows of the block
+    picked = batch.select(list(HIT_COLUMNS)).take(pa.array(local, pa.int64()))  # (q * m,)
     return pa.table(
         {
             "query": np.repeat(np.arange(q), m),
             "gid": gid[local],
             "score": best.values.reshape(-1).numpy(),
-            **{name: picked.column(name) for name in HIT_COLUMNS},
+            **{name: _plain(picked.column(name)) for name in HIT_COLUMNS},
         }
     )
+
+
+def _plain(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A dictionary-encoded column (`shard` as read) decoded, so every block's table has the
+    same schema."""
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
+
+
+def best_candidates(candidates: pa.Table, num_queries: int, top_k: int) -> list[pa.Table]:
+    """Candidate rows (query, gid, score, ...) -> per query, its top-k rows in rank order:
+    descending score, ties by ascending gid (`ctrak.topk`'s order; exact)."""
+    query = np.asarray(candidates.column("query"), np.int64)  # (c,)
+    score = np.asarray(candidates.column("score"), np.float64)  # (c,)
+    gid = np.asarray(candidates.column("gid"), np.int64)  # (c,)
+    order = np.lexsort((gid, -score, query))  # by query, then rank
+    starts = np.searchsorted(query[order], np.arange(num_queries + 1))  # (q + 1,)
+    counts = np.minimum(np.diff(starts), top_k)  # (q,)
+    firsts = np.concatenate([order[a : a + c] for a, c in zip(starts[:-1], counts, strict=True)])
+    best = candidates.take(pa.array(firsts, pa.int64()))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return [best.slice(a, c) for a, c in zip(offsets[:-1], counts, strict=True)]
+
+
+def score_shard(
+    blocks: Iterable[pa.RecordBatch], *, x: np.ndarray, top_k: int, shard_index: dict[str, int]
+) -> pa.Table:
+    """One shard's blocks (at least one) and x (q, k) -> its top-k rows per query (`score_block`
+    per block, merged): query, gid, score + the hit columns."""
+    parts = [score_block(b, x=x, top_k=top_k, shard_index=shard_index) for b in blocks]
+    if len(parts) == 1:
+        return parts[0]
+    return pa.concat_tables(best_candidates(pa.concat_tables(parts), x.shape[0], top_k))
 
 
 def score_shards(
@@ -167,9 +226,9 @@ def score_shards(
     top_k: int,
     shard_index: dict[str, int],
 ) -> pa.Table:
-    """Ray Data fn: shard ids (n,) -> their top-k candidate rows per query (`score_block`).
-    Each shard is read through its marker (size + sha256 checked) and must be the one the
-    Fisher was merged from (same Gram checksum)."""
+    """Ray Data fn: shard ids (n,) -> their top-k candidate rows per query (`score_block` on
+    blocks of SCAN_ROWS rows, merged per shard). Each shard is read through its marker (size +
+    sha256 checked) and must be the one the Fisher was merged from (same Gram checksum)."""
     store = FeatureStore(store_uri, storage)
     shards = [str(s) for s in batch["shard"]]
     entries = store.entries(shards)
@@ -181,25 +240,14 @@ def score_shards(
                 f"shard {shard} of {store_uri} was rewritten after the Fisher was merged; run "
                 "`ctrak reindex` with this store to refresh it"
             )
-        table = store.read_features(entry)  # may hold 0 rows (all rejected)
-        parts.append(score_block(table, x=x, top_k=top_k, shard_index=shard_index))
+        blocks = store.feature_batches(entry, SCAN_ROWS)  # one empty block if 0 rows
+        parts.append(score_shard(blocks, x=x, top_k=top_k, shard_index=shard_index))
     return pa.concat_tables(parts)
 
 
 def gather(candidates: pa.Table, num_queries: int, top_k: int) -> list[list[dict]]:
     """Per-block candidates -> per query, the global top-k rows in rank order."""
-    out = []
-    query = candidates.column("query").to_numpy()
-    for j in range(num_queries):
-        rows = candidates.filter(pa.array(query == j))
-        values = np.array(rows.column("score").to_numpy(), np.float64)  # (c,) candidates
-        gids = np.array(rows.column("gid").to_numpy(), np.int64)  # (c,)
-        part = TopK(torch.from_numpy(values)[None], torch.from_numpy(gids)[None])
-        best = merge_topk([part], top_k)
-        by_gid = {int(g): i for i, g in enumerate(gids)}
-        picked = [by_gid[int(g)] for g in best.indices[0]]
-        out.append(rows.take(pa.array(picked, pa.int64())).to_pylist())
-    return out
+    return [rows.to_pylist() for rows in best_candidates(candidates, num_queries, top_k)]
 
 
 def run_queries(

@@ -20,7 +20,7 @@ from ctrak.topk import topk
 from jobs.config import UnknownConfigKeyError, load_config, parse_override
 from pipeline.config import StorageConfig
 from pipeline.ingest import ShardAssembler, split_records
-from pipeline.query import gather, score_block
+from pipeline.query import gather, score_block, score_shard
 from pipeline.shards import decode_shard, list_shards
 from pipeline.store import feature_table
 
@@ -173,6 +173,10 @@ def test_per_block_topk_merges_to_the_dense_topk():
     for j in range(3):
         assert [h["key"] for h in hits[j]] == [keys[i] for i in reference.indices[j]]
         np.testing.assert_allclose([h["score"] for h in hits[j]], reference.values[j], rtol=1e-12)
+    # one task's path: record batches of a few rows -> score_shard (blocks merged) -> gather
+    batches = table.to_batches(max_chunksize=5)
+    merged = gather(score_shard(batches, x=x, top_k=6, shard_index=index), 3, 6)
+    assert [[h["key"] for h in q] for q in merged] == [[h["key"] for h in q] for q in hits]
 
 
 def test_config_file_overrides_and_refusals(tmp_path):
