@@ -1,18 +1,21 @@
 """Query scan over a synthetic feature store, the memory-bandwidth reference, Fisher merge.
 
-Product store: Parquet files in `pipeline.store`'s schema and writer settings (one 10k-row
-file per shard, `feature_table` + `pq.write_table` defaults: fixed_size_list<float16>[k],
-snappy, dictionary encoding), random normal features; file i is file 0's features with rows
-rolled and low mantissa bits flipped (cheap to make, no exact ties). The product scan is
-`pipeline.query`'s per-block path run in one process without Ray: each file's row groups ->
-`score_block` (float64 `ctrak.kernel.scores`, per-block top-k) -> `gather` (merge_topk).
+Product store: Parquet files in `pipeline.store`'s layout and writer (one 10k-row file per
+shard, `feature_table` + `parquet_bytes`: feature fixed_size_binary(2k) float16 PLAIN and
+uncompressed, feature_norm, snappy string columns), random normal features; file i is file
+0's features with rows rolled and low mantissa bits flipped (cheap to make, no exact ties).
+The product scan is `pipeline.query`'s per-shard path run in one process without Ray: each
+file memory-mapped (in the page cache, as a query task holds a shard's bytes after its GET;
+not counted: the transfer and the sha256 check against the marker) -> `parquet_batches` of
+SCAN_ROWS -> `score_shard` (per block `score_block`: float32 screen, float64 rescore of the
+few rows that can reach the top-k) -> `gather`. Its top-k is checked against a dense float64
+top-k of the first file.
 
-Alternative layout (for comparison): `row` int64 + `phi` fixed_size_binary(2k), uncompressed,
-no dictionary, memory-mapped; scored in float32 blocks of BLOCK_ROWS that stay in cache, then
-`ctrak.topk.topk` per row group and `merge_topk`.
-
+Arithmetic ceiling: `ctrak.screen.screen_scores` alone (float16 -> float32 in cache, x Phi^T
+in float32) over float16 rows already in memory, no decode: the scan cannot beat it.
 Copy bandwidth: `np.copyto` of one buffer, repeated to the store's feature bytes; the median
-of the copies is the reference.
+of the copies is the reference. All of it single-threaded (torch threads = bench --threads,
+Arrow decodes in the calling thread).
 Fisher: `FeatureStore.write_shard` partial Grams and `pipeline.fisher.update_fisher` (load,
 verify, add k x k float64 partials, factorise), per 1M rows.
 """
@@ -23,17 +26,15 @@ import json
 import logging
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ctrak.kernel import fit_kernel, gram, solve
-from ctrak.topk import TopK, merge_topk, topk
+from ctrak.kernel import fit_kernel, gram, scores, solve
+from ctrak.topk import topk
 
-BLOCK_ROWS = 256  # rows converted to float32 at a time: 1 MB for k = 1024, stays in cache
 CAPTIONS = ("a blue triangle", "a red circle", "a blue circle")
 
 
@@ -54,15 +55,10 @@ def _columns(shard: str, n: int) -> dict:
     }
 
 
-def write_store(
-    root: Path, rows: int, k: int, file_rows: int, layout: str = "product", seed: int = 0
-) -> dict[str, object]:
-    """Write a synthetic store of `rows` x `k` -> {files, rows, bytes_on_disk, seconds}.
-    layout "product" (pipeline.store's schema and writer) or "fsb" (the alternative)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.store import feature_table
+def write_store(root: Path, rows: int, k: int, file_rows: int, seed: int = 0) -> dict[str, object]:
+    """Write a synthetic store of `rows` x `k` in pipeline.store's layout and writer
+    (`feature_table` + `parquet_bytes`) -> {files, rows, k, bytes_on_disk, seconds}."""
+    from pipeline.store import feature_table, parquet_bytes
 
     begin = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -72,22 +68,12 @@ def write_store(
     files = []
     for i, start in enumerate(range(0, rows, file_rows)):
         n, shard = min(file_rows, rows - start), f"{i:05d}"
-        features = _features(base, i, n)
-        if layout == "product":
-            table, options = feature_table(shard, _columns(shard, n), features), {}
-        else:
-            phi = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(2 * k), n, [None, pa.py_buffer(features)]
-            )
-            table = pa.table({"row": np.arange(start, start + n, dtype=np.int64), "phi": phi})
-            options = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-        path = root / f"{shard}.parquet"
-        tmp = root / f"{shard}.tmp"
-        pq.write_table(table, tmp, **options)
+        data = parquet_bytes(feature_table(shard, _columns(shard, n), _features(base, i, n)))
+        path, tmp = root / f"{shard}.parquet", root / f"{shard}.tmp"
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         files.append(str(path))
     return {
-        "layout": layout,
         "files": files,
         "rows": rows,
         "k": k,
@@ -99,65 +85,25 @@ def write_store(
 def product_scan(
     files: list[str], x: np.ndarray, top: int, after_file: Callable[[], None] | None = None
 ) -> tuple[list[list[dict]], int]:
-    """pipeline.query's scan in one process: x (q, k) float64 -> (hits per query, rows).
+    """pipeline.query's scan in one process: x (q, k) float64 -> (hits per query, rows). Each
+    file is memory-mapped (its bytes in the page cache, as a query task holds a shard's bytes
+    after the GET) -> `parquet_batches` of SCAN_ROWS rows -> `score_shard` -> `gather`.
     `after_file` runs after each file (the memory probe)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from pipeline.query import gather, score_block
+    from pipeline.query import SCAN_ROWS, gather, score_shard
+    from pipeline.store import parquet_batches
 
     shard_index = {Path(f).stem: i for i, f in enumerate(sorted(files))}
-    blocks, rows = [], 0
-    for path in files:
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group)  # every column, as ray.data.read_parquet
-            blocks.append(score_block(table, x=x, top_k=top, shard_index=shard_index))
-            rows += table.num_rows
-            del table
-        if after_file is not None:
-            after_file()
-    return gather(pa.concat_tables(blocks), x.shape[0], top), rows
-
-
-def _fsb_chunks(files: list[str], k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, phi (rows, k) float16 read-only view) per row group of the fsb layout."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    offset = 0
+    parts, sizes = [], []
     for path in files:
         with pa.memory_map(path) as source:
-            parquet = pq.ParquetFile(source)
-            for group in range(parquet.num_row_groups):
-                column = parquet.read_row_group(group, columns=["phi"]).column(0)
-                for chunk in column.chunks:
-                    view = np.frombuffer(
-                        chunk.buffers()[1], np.float16, len(chunk) * k, chunk.offset * 2 * k
-                    )
-                    yield offset, view.reshape(len(chunk), k)
-                    offset += len(chunk)
-
-
-def fsb_scan(files: list[str], x: torch.Tensor, top: int) -> tuple[TopK, int]:
-    """Streaming top-`top` of x Phi^T over the fsb layout: x (q, k) -> (TopK (q, top), rows)."""
-    q, k = x.shape
-    xT = x.to(torch.float32).T.contiguous()  # (k, q)
-    buffer = torch.empty(BLOCK_ROWS, k)
-    parts, rows = [], 0
-    for offset, chunk in _fsb_chunks(files, k):
-        with warnings.catch_warnings():  # a read-only view, never written to
-            warnings.simplefilter("ignore", UserWarning)
-            phi = torch.from_numpy(chunk)  # (n, k) float16
-        n = phi.shape[0]
-        out = torch.empty(n, q)
-        for i in range(0, n, BLOCK_ROWS):
-            m = min(BLOCK_ROWS, n - i)
-            buffer[:m].copy_(phi[i : i + m])  # float16 -> float32, in cache
-            torch.mm(buffer[:m], xT, out=out[i : i + m])
-        parts.append(topk(out.T, top, offset))
-        rows += n
-    return merge_topk(parts, top), rows
+            blocks = parquet_batches(source.read_buffer(), SCAN_ROWS)
+            counted = (sizes.append(b.num_rows) or b for b in blocks)
+            parts.append(score_shard(counted, x=x, top_k=top, shard_index=shard_index))
+        if after_file is not None:
+            after_file()
+    return gather(pa.concat_tables(parts), x.shape[0], top), sum(sizes)
 
 
 def copy_bandwidth(total_bytes: int, buffer_bytes: int = 256 << 20) -> dict[str, float]:
@@ -184,34 +130,39 @@ def query_vectors(k: int, q: int, seed: int = 0) -> np.ndarray:
     return solve(fit_kernel(gram(phi)), g).numpy()
 
 
-def measure_fsb_scan(workdir: Path, rows: int, k: int, file_rows: int, q: int, top: int) -> dict:
-    """Write the alternative layout, scan it twice (the faster counts), check its top rows
-    against the float64 product ranking on the same data, delete it."""
-    import shutil
+def check_exact(files: list[str], x: np.ndarray, top: int) -> float:
+    """The product scan of files[0] vs a dense float64 top-k of its features
+    (`ctrak.kernel.scores` + `ctrak.topk.topk`) -> the fraction of top rows that agree."""
+    import pyarrow.parquet as pq
 
-    store = write_store(workdir / "store-fsb", rows, k, file_rows, layout="fsb")
-    try:
-        x = query_vectors(k, q)
-        best = float("inf")
-        for _ in range(2):
-            begin = time.perf_counter()
-            result, scanned = fsb_scan(store["files"], torch.from_numpy(x), top)
-            best = min(best, time.perf_counter() - begin)
-        # float64 reference on the first file
-        first = next(_fsb_chunks(store["files"][:1], k))[1]
-        exact = topk(torch.from_numpy(x) @ torch.from_numpy(first.astype(np.float64)).T, top)
-        head = fsb_scan(store["files"][:1], torch.from_numpy(x), top)[0]
-        agree = float((head.indices == exact.indices).float().mean())
-    finally:
-        shutil.rmtree(workdir / "store-fsb", ignore_errors=True)
+    from pipeline.store import table_features
+
+    phi = torch.from_numpy(table_features(pq.read_table(files[0])))  # (n, k) float16
+    exact = topk(scores(phi, torch.from_numpy(x)), top)  # rows in file order
+    hits, _ = product_scan(files[:1], x, top)
+    rows = torch.tensor([[h["row"] for h in per_query] for per_query in hits])
+    return float((rows == exact.indices).double().mean())
+
+
+def measure_ceiling(k: int, q: int, rows: int, repeats: int = 3) -> dict[str, float]:
+    """`screen_scores` of x (q, k) over `rows` random float16 rows in memory, no decode (the
+    best of `repeats`) -> {"rows_per_s", "bytes_per_s", "gflop_per_s"}."""
+    from ctrak.screen import screen_scores
+
+    gen = torch.Generator().manual_seed(2)
+    phi = torch.randn(rows, k, generator=gen).to(torch.float16)
+    x = torch.randn(q, k, generator=gen)
+    screen_scores(phi[: min(rows, 4096)], x)
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        screen_scores(phi, x)
+        best = min(best, time.perf_counter() - begin)
     return {
-        "rows": scanned,
-        "seconds": best,
-        "rows_per_s": scanned / best,
-        "scan_bytes_per_s": scanned * k * 2 / best,
-        "bytes_on_disk_per_row": store["bytes_on_disk"] / rows,
-        "top_agreement_with_float64": agree,
-        "first_hit": int(result.indices[0, 0]),
+        "rows": rows,
+        "rows_per_s": rows / best,
+        "bytes_per_s": rows * k * 2 / best,
+        "gflop_per_s": 2 * rows * k * q / best / 1e9,
     }
 
 
