@@ -30,6 +30,12 @@ def register(subparsers) -> None:
     parser.add_argument("--per-combo", type=int, default=4, help="query images per combination")
     parser.add_argument("--scopes", default="local,global")
     parser.add_argument("--global-draws", type=int, default=8)
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="CFG weight for query images and global draws (toy-paper composes at 1)",
+    )
     parser.add_argument("--work", default="runs/eval", help="data and feature cache folder")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         per_combo=args.per_combo,
         scopes=args.scopes.split(","),
         global_draws=args.global_draws,
+        guidance=args.guidance,
     )
     table = markdown_table(result)
     print(table)
