@@ -107,7 +107,6 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
 
 
 # ---- sampling ------------------------------------------------------------------------------
-@torch.no_grad()
 def sample(
     model: DiffusionModel,
     prompts: Sequence[str],
@@ -116,45 +115,12 @@ def sample(
     guidance: float = 1.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """DDIM (eta = 0, trailing spacing, x0_hat clipped to [-1, 1]) with classifier-free
-    guidance: eps = eps(x_t, "") + guidance * (eps(x_t, c) - eps(x_t, "")); guidance 1 runs
-    the conditional branch alone.
+    """prompts (B,) -> images (B, 3, H, W) in [-1, 1]: `ctrak.generation.generate_images`
+    (DDIM, eta = 0, trailing grid, x0_hat clipped for pixel models, float64 arithmetic,
+    classifier-free guidance; guidance 1 runs the conditional branch alone)."""
+    from ctrak.generation import generate_images
 
-    prompts (B,) -> images (B, 3, H, W) in [-1, 1]. Noise from derive_seed(seed, "sample").
-    """
-    from diffusers import DDIMScheduler
-
-    if not model.path:
-        raise ConfigError("sample needs a model loaded from a directory (its scheduler config)")
-    scheduler = DDIMScheduler.from_pretrained(
-        model.path,
-        subfolder="scheduler",
-        timestep_spacing="trailing",
-        clip_sample=True,
-        prediction_type="epsilon",  # model.eps returns eps whatever the network's target
-    )  # clip x0_hat to [-1, 1]: at t = 999 abar ~ 2e-9 and x0_hat = (x_t - ...) / sqrt(abar)
-    # would amplify eps errors ~2e4-fold (squaredcos_cap_v2), which blows samples up
-    scheduler.set_timesteps(steps)
-    batch = len(prompts)
-    channels = model.unet.config.in_channels
-    size = model.unet.config.sample_size
-    x_t = torch.randn(
-        batch, channels, size, size, generator=generator(seed, "sample"), dtype=torch.float32
-    ).to(model.device)
-    cond = model.encode_prompts(list(prompts))  # (B, L, D)
-    if guidance != 1.0:
-        cond = torch.cat([cond, model.null_condition(batch)])  # (2B, L, D)
-    for t in scheduler.timesteps:
-        # 1. conditional (and unconditional) eps in one batch: (B or 2B, C, h, w)
-        if guidance == 1.0:
-            eps = model.eps(x_t, int(t), cond)
-        else:
-            eps_c, eps_u = model.eps(torch.cat([x_t, x_t]), int(t), cond).chunk(2)
-            # 2. guided eps
-            eps = eps_u + guidance * (eps_c - eps_u)
-        # 3. deterministic DDIM step to the previous grid point
-        x_t = scheduler.step(eps, t, x_t).prev_sample
-    return model.x0_to_images(x_t)
+    return generate_images(model, list(prompts), seed=seed, num_steps=steps, guidance=guidance)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
