@@ -3,7 +3,7 @@
 Scoring every stored row in float64 costs 4x the bytes and half the arithmetic rate of
 float32; the top-k needs float64 only where float32 could reorder rows. With x scaled by a
 power of two (x~ = x / 2^e, max |x~| <= 1: exact, no float32 overflow) the float32 scores
-obey (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5, for any summation
+obey (Higham, Accuracy and Stability of Numerical Algorithms, sec. 3.1, for any summation
 order, FMA or not; plus the rounding of x~ to float32; plus Cauchy-Schwarz)
 
     s32_ij = fl32(x~_i . phi_j),   |s32_ij - x~_i . phi_j| <= E_i   for every row j,
