@@ -106,6 +106,31 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _attribute_drops(caption: str) -> list[str]:
+    """ "a red triangle" -> ["a triangle", "a red"]: the caption without each attribute word,
+    spelled exactly as `ctrak.attribution.resolve_negative` spells a query's c-."""
+    from ctrak.attribution import resolve_negative
+
+    words = caption.split()
+    if len(words) != 3:
+        return []
+    return [resolve_negative(caption, word, None) for word in words[1:]]
+
+
+def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[str]:
+    """Replace each caption, with probability p, by itself minus one attribute word (chosen
+    uniformly), so the concept slider's c- ("a red", "a triangle") is a condition the model
+    was trained on, as the per-attribute null label of the paper's class-conditional model."""
+    gen = generator(seed, "train-toy-attribute-dropout", step)
+    drop = torch.rand(len(texts), generator=gen) < p
+    which = torch.randint(0, 2, (len(texts),), generator=gen)
+    out = []
+    for text, d, w in zip(texts, drop.tolist(), which.tolist(), strict=True):
+        options = _attribute_drops(text)
+        out.append(options[w] if d and options else text)
+    return out
+
+
 # ---- sampling ------------------------------------------------------------------------------
 def sample(
     model: DiffusionModel,
@@ -238,6 +263,12 @@ def train(args: argparse.Namespace) -> dict:
     # 2. model from the tiny builder, then its components as trainable modules
     base = out / "base"
     channels = tuple(int(c) for c in args.channels.split(","))
+    if args.init and not (base / "model_index.json").exists():
+        # fine-tuning: the init model's components (weights included) are the starting point
+        tmp = base.with_name("base.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(args.init, tmp, ignore=shutil.ignore_patterns("*.md", "*.json.bak"))
+        tmp.rename(base)
     if not (base / "model_index.json").exists():
         build_tiny_model(
             base,
@@ -327,7 +358,7 @@ def train(args: argparse.Namespace) -> dict:
     cond_cache = {} if not train_text else None
     if cond_cache is not None:
         with torch.no_grad():
-            for text in {*captions, ""}:
+            for text in {*captions, *(a for c in captions for a in _attribute_drops(c)), ""}:
                 cond_cache[text] = encode([text])[0]
     batch_gen = generator(args.seed, "train-toy-batches")
     order, cursor = torch.randperm(n, generator=batch_gen), 0
@@ -347,6 +378,8 @@ def train(args: argparse.Namespace) -> dict:
         cursor += args.batch_size
         drop = torch.rand(len(idx), generator=batch_gen) < args.prompt_dropout
         texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        if args.attribute_dropout > 0:  # own stream: runs without it keep their batches
+            texts = _drop_attributes(texts, args.attribute_dropout, args.seed, step)
         x0 = x0_all[idx]  # (B, 3, H, W)
         # 1. forward noising at uniform t: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
         t = torch.randint(0, len(abar), (len(idx),), generator=noise_gen)
@@ -474,6 +507,16 @@ def register(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--attribute-dropout",
+        type=float,
+        default=0.0,
+        help="probability of dropping one attribute word from a caption ('a red triangle' -> "
+        "'a triangle' or 'a red'), so concept-slider negatives are trained conditions",
+    )
+    parser.add_argument(
+        "--init", metavar="MODEL_DIR", help="fine-tune: start from this model's weights"
+    )
     parser.add_argument(
         "--prediction",
         choices=("v_prediction", "epsilon"),
