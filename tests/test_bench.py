@@ -66,6 +66,17 @@ def test_storage_query_and_memory_are_sane(bench):
     assert scan["rows"] == 20_000 and scan["rows_per_s"] > 0 and scan["ratio_to_copy"] > 0
     assert scan["top_agreement_with_float64"] == 1.0  # the float32 screen loses nothing
     assert query["arithmetic_ceiling"]["rows_per_s"] > 0
+    one = query["product_scan_1_query"]  # the memory-bound case, next to the 8-query scan
+    assert scan["queries"] == 8 and one["queries"] == 1
+    assert one["rows"] == scan["rows"] and one["ratio_to_copy"] > 0
+    assert one["top_agreement_with_float64"] == 1.0
+    assert one["ratio_to_copy"] == pytest.approx(one["scan_bytes_per_s"] / scan["copy_bytes_per_s"])
+    assert query["arithmetic_ceiling_1_query"]["rows_per_s"] > 0
+    targets = {r["name"]: r for r in bench["rows"] if r["name"].startswith("scan / copy")}
+    assert set(targets) == {"scan / copy bandwidth, 8 queries", "scan / copy bandwidth, 1 query"}
+    for row in targets.values():
+        assert row["target"] == 0.5 and row["verdict"] in ("PASS", "FAIL")
+    assert targets["scan / copy bandwidth, 1 query"]["value"] == one["ratio_to_copy"]
     assert query["fisher"]["total_s_per_1m_rows"] > 0
     for ratio in (scan["peak_ratio"], bench["memory"]["featurize"]["peak_ratio"]):
         assert ratio > 0

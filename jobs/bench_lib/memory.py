@@ -177,6 +177,13 @@ def measure_query(files: list[str], split: int, k: int, queries: int, top: int, 
     return {"runs": runs, "peak_ratio": runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]}
 
 
+def measure_scan(files: list[str], k: int, queries: int, top: int, threads: int) -> dict:
+    """The timed product scan of all files with `queries` query vectors, alone in a fresh
+    process (the memory-flatness pair is `measure_query`)."""
+    argv = ["query", *files, "--k", str(k), "--queries", str(queries), "--top", str(top)]
+    return run_children([argv], threads)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_lib.memory")
     sub = parser.add_subparsers(dest="what", required=True)

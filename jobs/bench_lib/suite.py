@@ -2,9 +2,9 @@
 
 toy    - naive vs default speed, FE, efficiency; quality vs exact scores (synthetic world)
 sd     - naive vs default speed, FE, efficiency on the SD-shaped UNet (attn2)
-query  - bytes per sample; a synthetic 1M x k store: the product scan vs a memory copy (and
-         vs float32 arithmetic alone), its exactness, its peak RSS at 1/4 and all of the
-         store; Fisher merge
+query  - bytes per sample; a synthetic 1M x k store: the product scan with 8 queries and with
+         1 query vs a memory copy (and vs float32 arithmetic alone), its exactness, its peak
+         RSS at 1/4 and all of the store (8 queries); Fisher merge
 memory - peak RSS of featurize (toy, N and 4N samples)
 """
 
@@ -167,39 +167,83 @@ def run_sd(workdir: Path, opts: dict) -> tuple[dict, list[Row], str]:
     return {"speed": s}, speed_rows("sd-shaped (attn2)", s, TARGETS["speedup_sd"]), spec.description
 
 
+def _scan_rates(run: dict, k: int, bandwidth: float) -> dict[str, float]:
+    """A timed scan {"rows", "seconds"} of float16 rows of k -> rows/s, feature bytes/s and
+    their ratio to the copy bandwidth."""
+    rate = run["rows"] / run["seconds"]
+    return {
+        "rows_per_s": rate,
+        "scan_bytes_per_s": rate * k * 2,
+        "ratio_to_copy": rate * k * 2 / bandwidth,
+    }
+
+
+def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
+    """The scan with q queries: rows/s, bandwidth, its ratio to the copy (the target) and the
+    float32 arithmetic ceiling's ratio (q queries cost 2 q k FLOP per row)."""
+    label = f"{q} quer{'y' if q == 1 else 'ies'}"
+    return [
+        Row("query", f"scan rows/s, {label}", run["rows_per_s"], "rows/s"),
+        Row(
+            "query",
+            f"scan bandwidth (feature bytes), {label}",
+            run["scan_bytes_per_s"] / 1e9,
+            "GB/s",
+        ),
+        Row(
+            "query",
+            f"scan / copy bandwidth, {label}",
+            run["ratio_to_copy"],
+            "",
+            TARGETS["scan_ratio"],
+        ),
+        Row(
+            "query",
+            f"float32 arithmetic alone / copy bandwidth, {label}",
+            ceiling["ratio_to_copy"],
+            note=f"the scan's ceiling: ctrak.screen.screen_scores, {2 * q} FLOP per 2-byte "
+            f"feature element, on {ceiling['rows']:,} float16 rows in memory, no decode: "
+            f"{ceiling['gflop_per_s']:.3g} GFLOP/s, {ceiling['rows_per_s']:.3g} rows/s",
+        ),
+    ]
+
+
 def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
-    """Bytes per sample; the product scan of a synthetic store (memory at 1/4 and all of it,
-    timed on all of it, top-k checked against float64 on one file) vs a memory copy and vs the
-    float32 arithmetic alone; Fisher merge. All single-threaded (--threads)."""
+    """Bytes per sample; the product scan of a synthetic store with 8 queries (memory at 1/4
+    and all of it, timed on all of it) and with 1 query (timed on all of it), top-k checked
+    against float64 on one file, each vs a memory copy and vs the float32 arithmetic alone;
+    Fisher merge. All single-threaded (--threads)."""
     from ctrak.config import ProjectionConfig
     from pipeline.config import JobConfig
 
-    rows, k, q, top = opts["query_rows"], opts["query_k"], 8, 10
+    rows, k, q, top, threads = opts["query_rows"], opts["query_k"], 8, 10, opts["threads"]
     file_rows = min(10_000, max(1, rows // 8))
     log.info("query: writing a %d x %d store in the product format", rows, k)
     store = scan.write_store(workdir / "store", rows, k, file_rows)
     try:
         copy = scan.copy_bandwidth(rows * k * 2)
         bandwidth = copy["median"]
-        log.info("query: product scan of 1/4 and of all of the store (fresh processes)")
+        log.info("query: product scan of 1/4 and of all of the store, then of all with 1 query")
         files = store["files"]
-        product = memory.measure_query(files, max(1, len(files) // 4), k, q, top, opts["threads"])
-        exact = scan.check_exact(files, scan.query_vectors(k, q), top)
+        product = memory.measure_query(files, max(1, len(files) // 4), k, q, top, threads)
+        single = memory.measure_scan(files, k, 1, top, threads)
+        exact = {n: scan.check_exact(files, scan.query_vectors(k, n), top) for n in (q, 1)}
     finally:
         shutil.rmtree(workdir / "store", ignore_errors=True)
-    full = product["runs"][1]
     product.update(
-        rows=full["rows"],
-        rows_per_s=full["rows"] / full["seconds"],
-        scan_bytes_per_s=full["rows"] * k * 2 / full["seconds"],
+        queries=q,
+        rows=product["runs"][1]["rows"],
+        **_scan_rates(product["runs"][1], k, bandwidth),
         copy_bytes_per_s=bandwidth,
         copy_bytes_per_s_best=copy["best"],
+        top_agreement_with_float64=exact[q],
     )
-    product["ratio_to_copy"] = product["scan_bytes_per_s"] / bandwidth
-    product["top_agreement_with_float64"] = exact
-    log.info("query: float32 arithmetic ceiling, Fisher merge")
-    ceiling = scan.measure_ceiling(k, q, min(rows, 50_000))
-    ceiling["ratio_to_copy"] = ceiling["bytes_per_s"] / bandwidth
+    single.update(queries=1, **_scan_rates(single, k, bandwidth))
+    single["top_agreement_with_float64"] = exact[1]
+    log.info("query: float32 arithmetic ceiling (%d and 1 queries), Fisher merge", q)
+    ceiling = {n: scan.measure_ceiling(k, n, min(rows, 50_000)) for n in (q, 1)}
+    for c in ceiling.values():
+        c["ratio_to_copy"] = c["bytes_per_s"] / bandwidth
     fisher = scan.measure_fisher(
         workdir,
         k,
@@ -234,11 +278,10 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
             "store rows scanned",
             product["rows"],
             "rows",
-            note=f"k={k}, {q} queries, top-{top}; pipeline.query score_shard + gather, "
-            "one process, no Ray, files memory-mapped from the page cache",
+            note=f"k={k}, top-{top}, timed twice: {q} queries (the full run of the memory pair "
+            "below) and 1 query (its own process); pipeline.query score_shard + gather, one "
+            "process, no Ray, files memory-mapped from the page cache",
         ),
-        Row("query", "scan rows/s", product["rows_per_s"], "rows/s"),
-        Row("query", "scan bandwidth (feature bytes)", product["scan_bytes_per_s"] / 1e9, "GB/s"),
         Row(
             "query",
             "memory copy bandwidth (np.copyto)",
@@ -247,21 +290,15 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
             note=f"median of {copy['buffer_bytes'] >> 20} MB copies over the store's bytes; "
             f"best {copy['best'] / 1e9:.3g}",
         ),
-        Row("query", "scan / copy bandwidth", product["ratio_to_copy"], "", TARGETS["scan_ratio"]),
-        Row(
-            "query",
-            "float32 arithmetic alone / copy bandwidth",
-            ceiling["ratio_to_copy"],
-            note=f"the scan's ceiling: ctrak.screen.screen_scores, {q} queries, on "
-            f"{ceiling['rows']:,} float16 rows in memory, no decode: "
-            f"{ceiling['gflop_per_s']:.3g} GFLOP/s, {ceiling['rows_per_s']:.3g} rows/s",
-        ),
+        *scan_rows(q, product, ceiling[q]),
+        *scan_rows(1, single, ceiling[1]),
         Row(
             "query",
             "scan top-k == float64 top-k",
-            exact,
+            min(exact.values()),
             note=f"fraction of the top-{top} rows of one file that agree with dense float64 "
-            "scores (ctrak.kernel.scores + ctrak.topk)",
+            f"scores (ctrak.kernel.scores + ctrak.topk): {q} queries {exact[q]:.4g}, "
+            f"1 query {exact[1]:.4g}",
         ),
         Row("query", f"query peak RSS, {small['rows']:,} rows", small["peak_rss_mb"], "MB"),
         Row("query", f"query peak RSS, {large['rows']:,} rows", large["peak_rss_mb"], "MB"),
@@ -294,7 +331,9 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
     results = {
         "store": {key: v for key, v in store.items() if key != "files"},
         "product_scan": product,
-        "arithmetic_ceiling": ceiling,
+        "product_scan_1_query": single,
+        "arithmetic_ceiling": ceiling[q],
+        "arithmetic_ceiling_1_query": ceiling[1],
         "fisher": fisher,
         "feature_bytes_per_sample": feature_bytes,
         "parquet_bytes_per_row": disk,
