@@ -83,7 +83,7 @@ def test_factored_projection_preserves_geometry_like_dense_jl(pixel_model):
     no more than a dense JL projection of the same k (checked against unprojected gradients)."""
     images = random_images(12, seed=8)
     captions = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"] * 3
-    gradient = GradientConfig(timesteps=(299, 599))
+    gradient = GradientConfig(timesteps=(299, 599), params=())  # every layer kind: conv, norm, ...
 
     def attributor(path):
         projection = ProjectionConfig(k=512, path=path, k_side=16)
