@@ -21,8 +21,9 @@ x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v well conditioned at every t (Lin et a
 
 Output folder: `model/` (the latest EMA weights, a diffusers directory that
 `ctrak.model.DiffusionModel.load` reads), `checkpoints/step-NNNNNN/` (every few minutes),
-`train_log.jsonl`, `train_config.json` and `state.pt` (to resume). `sample` draws images with
-DDIM + classifier-free guidance and `sample_grid` a PNG grid of every combination of a world.
+`train_log.jsonl`, `train_config.json` and `state.pt` (to resume). `evaluate_samples` draws and
+classifies images with `ctrak.generation` (DDIM + classifier-free guidance) and `sample_grid`
+a PNG grid of every combination of a world.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,23 +131,7 @@ def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[s
     return out
 
 
-# ---- sampling ------------------------------------------------------------------------------
-def sample(
-    model: DiffusionModel,
-    prompts: Sequence[str],
-    *,
-    steps: int = 25,
-    guidance: float = 1.0,
-    seed: int = 0,
-) -> torch.Tensor:
-    """prompts (B,) -> images (B, 3, H, W) in [-1, 1]: `ctrak.generation.generate_images`
-    (DDIM, eta = 0, trailing grid, x0_hat clipped for pixel models, float64 arithmetic,
-    classifier-free guidance; guidance 1 runs the conditional branch alone)."""
-    from ctrak.generation import generate_images
-
-    return generate_images(model, list(prompts), seed=seed, num_steps=steps, guidance=guidance)
-
-
+# ---- sampling (ctrak.generation) ----------------------------------------------------------
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -172,7 +156,10 @@ def evaluate_samples(
 
     combos = world_combos(world)
     prompts = [c.caption for c in combos for _ in range(per_combo)]
-    images = to_uint8(sample(model, prompts, steps=steps, guidance=guidance, seed=seed))
+    from ctrak.generation import generate_images
+
+    drawn = generate_images(model, prompts, seed=seed, num_steps=steps, guidance=guidance)
+    images = to_uint8(drawn)
     images = images.reshape(len(combos), per_combo, *images.shape[1:])
     result = {}
     for combo, row in zip(combos, images, strict=True):
