@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: formatting, lint, then the suite (CPU; GPU tests skip without a GPU).
+# The test command: formatting, lint, then the suite (CPU only; nothing is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
