@@ -18,11 +18,26 @@ the top-m taken from those (`topk.merge_topk`: descending, ties by ascending id)
 equals the float64 top-k over all rows. A block whose float32 scores are not all finite, or
 any block while torch allows float32 matmuls in lower precision
 (torch.set_float32_matmul_precision other than "highest"), is scored in float64 whole.
+
+One query over float16 rows (the usual ad-hoc query) screens with torch's float16
+matrix-vector product instead, which reads the stored bytes directly (no float32 copy; about
+twice the rate here). It multiplies in float32 and rounds each score to float16, so with x~
+scaled to ||x~|| N <= 2^14 and max |x~| <= 2^14 (no float16 overflow) and rounded to float16:
+
+    E = 2 (2^-10 + (k + 2) 2^-24) X N + 2^-24 (1 + sqrt(k) N),   X = ||x~|| (1 + 2^-10)
+
+(x~'s rounding 2^-11 X N + 2^-25 sqrt(k) N, the float32 sum gamma_k X N, the score's rounding
+2^-11 X N + 2^-25, doubled). That rests on torch accumulating in float32, so the path is taken
+only while torch disallows reduced-precision float16 reductions on the CPU and a probe that a
+float16 sum would get wrong comes out exact; otherwise the float32 screen runs.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -31,20 +46,77 @@ from ctrak.topk import TopK, merge_topk
 
 BLOCK_ROWS = 512  # rows converted to float32 at a time: 2 MB at k = 1024, stays in cache
 
+Blocks = torch.Tensor | Sequence[torch.Tensor]
 
-def screen_scores(phi: torch.Tensor, x: torch.Tensor, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
-    """phi (n, k) float16|float32, x (q, k) float32 -> s32 (q, n) float32 = x phi^T, converted
-    to float32 block_rows rows at a time (the block stays in cache for the matmul)."""
-    n, k = phi.shape
+
+def _blocks(phi: Blocks) -> list[torch.Tensor]:
+    return [phi] if isinstance(phi, torch.Tensor) else list(phi)
+
+
+def screen_scores(phi: Blocks, x: torch.Tensor, block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """phi (n, k) float16|float32 (or row blocks of it, in order), x (q, k) float32 -> s32 (q, n)
+    float32 = x phi^T, float16 rows converted to float32 block_rows rows at a time (the block
+    stays in cache for the matmul)."""
+    blocks = _blocks(phi)
+    n, k = sum(b.shape[0] for b in blocks), x.shape[1]
     s32 = torch.empty(x.shape[0], n)  # (q, n)
-    if phi.dtype == torch.float32:
-        return torch.mm(x, phi.T, out=s32)
-    buffer = torch.empty(min(block_rows, n), k)  # (b, k) float32
-    for start in range(0, n, block_rows):
-        b = min(block_rows, n - start)
-        buffer[:b].copy_(phi[start : start + b])  # float16 -> float32, in cache
-        torch.mm(x, buffer[:b].T, out=s32[:, start : start + b])  # (q, b)
+    buffer = torch.empty(0)
+    offset = 0
+    for block in blocks:
+        if block.dtype == torch.float32:
+            torch.mm(x, block.T, out=s32[:, offset : offset + block.shape[0]])
+            offset += block.shape[0]
+            continue
+        if buffer.numel() == 0:
+            buffer = torch.empty(min(block_rows, n), k)  # (b, k) float32
+        for start in range(0, block.shape[0], block_rows):
+            b = min(block_rows, block.shape[0] - start)
+            buffer[:b].copy_(block[start : start + b])  # float16 -> float32, in cache
+            torch.mm(x, buffer[:b].T, out=s32[:, offset : offset + b])  # (q, b)
+            offset += b
     return s32
+
+
+@functools.cache
+def _half_sum_is_float32() -> bool:
+    """torch's float16 matrix-vector product accumulates in float32 here: reduced-precision
+    float16 reductions are off, and 2048 x (1 + 2^-10) sums to 2050 (a float16 running sum
+    drops the 2^-10 terms once it passes 1024)."""
+    getter = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", None)
+    if getter is None or getter():
+        return False
+    ones = torch.ones(2, 2048, dtype=torch.float16)
+    probe = torch.mv(ones, torch.full((2048,), 1 + 2**-10, dtype=torch.float16))
+    return probe.dtype == torch.float16 and bool((probe.float() == 2050.0).all())
+
+
+def _half_screen(
+    blocks: list[torch.Tensor], x: torch.Tensor, phi_norm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query x (1, k) float64 over float16 blocks -> (s (1, n) float32: the float16 product
+    with x~ = x 2^-e, E (1, 1) float64: a bound on |s_j - x~ . phi_j| (module docstring))."""
+    k = x.shape[1]
+    norm, top = float(torch.linalg.vector_norm(x)), float(x.abs().max())
+    exponent = max(math.frexp(norm * phi_norm)[1], math.frexp(top)[1]) - 14
+    x_scaled = x[0] * 2.0 ** -max(exponent, -1000)  # float64, exact
+    x16 = x_scaled.to(torch.float16)
+    s = torch.cat([torch.mv(b, x16) for b in blocks]).to(torch.float32)[None]  # (1, n)
+    X = float(torch.linalg.vector_norm(x_scaled)) * (1 + 2.0**-10)
+    bound = 2 * (2.0**-10 + (k + 2) * 2.0**-24) * X * phi_norm + 2.0**-24 * (
+        1 + math.sqrt(k) * phi_norm
+    )
+    return s, torch.tensor([[bound]], dtype=torch.float64), x_scaled[None]
+
+
+def _float32_screen(
+    blocks: list[torch.Tensor], x: torch.Tensor, phi_norm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (q, k) float64 -> (s32 (q, n), E (q, 1) float64, x~ (q, k) float32), x scaled by a
+    power of two so that max |x~| <= 1."""
+    scale = float(x.abs().max())
+    exponent = math.frexp(scale)[1] if 0 < scale < math.inf else 0
+    x_scaled = (x * 2.0 ** -max(exponent, -1000)).to(torch.float32)
+    return screen_scores(blocks, x_scaled), error_bound(x_scaled, phi_norm), x_scaled
 
 
 def error_bound(x: torch.Tensor, phi_norm: float) -> torch.Tensor:
@@ -57,41 +129,58 @@ def error_bound(x: torch.Tensor, phi_norm: float) -> torch.Tensor:
     return c * x_norm * phi_norm + tiny * (1.0 + phi_norm)
 
 
+def _take_rows(blocks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """rows (c,) ascending positions in the concatenation of blocks -> those rows (c, k)."""
+    if len(blocks) == 1:
+        return blocks[0].index_select(0, rows)
+    starts = [0]
+    for b in blocks:
+        starts.append(starts[-1] + b.shape[0])
+    picked = []
+    for row in rows.tolist():
+        i = bisect.bisect_right(starts, row) - 1
+        picked.append(blocks[i][row - starts[i]])
+    return torch.stack(picked) if picked else blocks[0][:0]
+
+
 def exact_topk(
-    phi: torch.Tensor,
+    phi: Blocks,
     x: torch.Tensor,
     k: int,
     ids: torch.Tensor,
     norms: torch.Tensor | None = None,
 ) -> TopK:
-    """phi (n, k) float16|float32, x (q, k) float64, ids (n,) int64 unique (they order ties),
-    norms ||phi_j|| (n,) (computed when None) -> the float64 top-min(k, n) of x phi^T per
-    query: values (q, m) float64 = kernel.scores of those rows, indices (q, m) their rows in
-    phi (0..n-1), in rank order: descending score, ties by ascending id."""
-    q, n = x.shape[0], phi.shape[0]
+    """phi (n, k) float16|float32 (or row blocks of it, in order, one dtype), x (q, k)
+    float64, ids (n,) int64 unique (they order ties), norms ||phi_j|| (n,) (computed when None)
+    -> the float64 top-min(k, n) of x phi^T per query: values (q, m) float64 = kernel.scores of
+    those rows, indices (q, m) their rows in phi (0..n-1), in rank order: descending score,
+    ties by ascending id."""
+    blocks = _blocks(phi)
+    q, n = x.shape[0], sum(b.shape[0] for b in blocks)
     m = min(k, n)
     if m == 0:
         return TopK(torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64))
     if norms is None:
-        norms = torch.linalg.vector_norm(phi.to(torch.float64), dim=1)  # (n,)
-    # 1. the float32 screen, x scaled by a power of two so that max |x~| <= 1
-    scale = float(x.abs().max())
-    exponent = math.frexp(scale)[1] if 0 < scale < math.inf else 0
-    x_scaled = (x.to(torch.float64) * 2.0 ** -max(exponent, -1000)).to(torch.float32)
-    s32 = screen_scores(phi, x_scaled)  # (q, n)
+        norms = torch.cat([torch.linalg.vector_norm(b.to(torch.float64), dim=1) for b in blocks])
+    x = x.to(torch.float64)
     phi_norm = float(norms.max())
-    ieee = torch.get_float32_matmul_precision() == "highest"  # else mm may round to bfloat16
-    if ieee and math.isfinite(float(s32.sum(dtype=torch.float64)) + phi_norm):
-        # 2. keep the rows within 2 E of the m-th largest float32 score (a float64 threshold:
+    # 1. the screen: float16 matrix-vector for one query over float16 rows, else float32
+    half = q == 1 and all(b.dtype == torch.float16 for b in blocks) and _half_sum_is_float32()
+    ieee = half or torch.get_float32_matmul_precision() == "highest"  # else bfloat16 may be used
+    if half and 0 < phi_norm * float(x.abs().max()) * x.shape[1] < math.inf:
+        s32, eps, _ = _half_screen(blocks, x, phi_norm)
+    else:
+        s32, eps, _ = _float32_screen(blocks, x, phi_norm)
+    if ieee and math.isfinite(float(s32.sum(dtype=torch.float64)) + float(eps.sum())):
+        # 2. keep the rows within 2 E of the m-th largest screened score (a float64 threshold:
         #    s32 >= t holds exactly when s32 >= t rounded up to float32)
-        eps = error_bound(x_scaled, phi_norm)  # (q, 1)
         t = torch.topk(s32, m, dim=1).values[:, -1:].to(torch.float64)  # (q, 1)
         keep = torch.ge(s32, t - 2 * eps).any(0).nonzero().squeeze(1)  # (c,) union of queries
     else:  # overflow, NaN or a reduced-precision matmul: every row in float64
         keep = torch.arange(n)
     # 3. rescore the kept rows in float64 (float16 -> float32 is exact and fast); the exact
     #    top-m by (score desc, id asc), ids replaced by their ranks among the kept rows
-    s64 = scores(phi.index_select(0, keep).to(torch.float32), x)  # (q, c) float64
+    s64 = scores(_take_rows(blocks, keep).to(torch.float32), x)  # (q, c) float64
     order = torch.argsort(ids[keep])  # (c,) rank -> kept row
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())  # (c,) kept row -> rank

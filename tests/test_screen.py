@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ctrak.screen
 from ctrak.kernel import scores
-from ctrak.screen import error_bound, exact_topk, screen_scores
+from ctrak.screen import _half_screen, _half_sum_is_float32, error_bound, exact_topk, screen_scores
 from ctrak.topk import topk
 
 
@@ -90,3 +91,55 @@ def test_screen_blocks_equal_one_float32_matmul_and_empty_input():
     )
     empty = exact_topk(phi[:0], x.double(), 4, torch.arange(0))
     assert empty.indices.shape == (3, 0) and empty.values.dtype == torch.float64
+
+
+def _split(phi: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(phi, sizes))
+
+
+@pytest.mark.parametrize("half_path", [True, False])
+@pytest.mark.parametrize("k", [1, 9])
+def test_one_query_over_row_blocks_equals_float64_topk(half_path, k, monkeypatch):
+    """One query over float16 row blocks (a file's Parquet pages): the float16 matrix-vector
+    screen (or, when torch could reduce in float16, the float32 one) gives the float64 top-k,
+    exact ties and near-ties included."""
+    if not half_path:
+        monkeypatch.setattr(ctrak.screen, "_half_sum_is_float32", lambda: False)
+    gen = torch.Generator().manual_seed(10 + k)
+    phi = torch.randn(1300, 40, generator=gen).half()
+    phi[700] = phi[5]  # an exact tie across blocks
+    phi[800, 0] = phi[5, 0] + float(torch.finfo(torch.float16).eps) * phi[5, 0].abs()
+    x = torch.randn(1, 40, generator=gen, dtype=torch.float64)
+    ids = torch.randperm(1300, generator=gen)
+    got = exact_topk(_split(phi, [512, 1, 400, 387]), x, k, ids)
+    rows, values = _reference(phi, x, k, ids)
+    assert torch.equal(got.indices, rows)
+    torch.testing.assert_close(got.values, values, rtol=1e-12, atol=0)
+
+
+def test_half_screen_error_bound_holds_on_adversarial_sums():
+    """Large cancelling terms and tiny entries (float16 subnormals after scaling): the float16
+    screen's scores stay within E of x~ . phi computed in float64."""
+    gen = torch.Generator().manual_seed(6)
+    phi = (torch.randn(600, 512, generator=gen) * 200).half()
+    phi[:, :8] = 1e-7  # subnormal in float16
+    x = torch.randn(1, 512, generator=gen, dtype=torch.float64)
+    x[:, 1::2] = -x[:, ::2] * (1 + 1e-4)
+    x[:, 100:140] *= 1e-9  # underflow to float16 subnormals/zero once scaled
+    norm = float(phi.double().norm(dim=1).max())
+    s, eps, x_scaled = _half_screen(_split(phi, [300, 300]), x, norm)
+    exact = x_scaled @ phi.double().T  # (1, n) the scaled query, summed in float64
+    assert torch.all((s.double() - exact).abs() <= eps)
+    assert float(x_scaled.norm()) * norm <= 2**14
+
+
+def test_half_path_off_when_torch_may_reduce_in_float16(monkeypatch):
+    """The float16 screen's bound needs float32 accumulation: when torch allows float16
+    reductions on the CPU, the probe turns the path off."""
+    getter = "_get_cpu_allow_fp16_reduced_precision_reduction"
+    _half_sum_is_float32.cache_clear()
+    monkeypatch.setattr(torch._C, getter, lambda: True, raising=False)
+    try:
+        assert _half_sum_is_float32() is False
+    finally:
+        _half_sum_is_float32.cache_clear()
