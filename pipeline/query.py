@@ -4,13 +4,16 @@
     x_q = (K + lambda I)^-1 g_q, once per query           (Cholesky of the stored Fisher)
     I(z_i, q) = x_q^T phi_i                               (per block, map_batches)
 
-Several queries share one pass: x (q, k) goes to every shard, which is decoded and scored
-SCAN_ROWS rows at a time. Each block keeps its top-k per query (`ctrak.screen.exact_topk`: a
-float32 screen, then float64 scores of the few rows that can reach the top-k - the float64
-ranking exactly), each shard merges its blocks' and the driver the shards' top-k in
-`ctrak.topk`'s order (exact: merge of per-block top-k == global top-k). Rows carry a
-global id shard_index * 2^32 + row (shards in sorted id order), which breaks score ties the
-same way the single-process engine does on features concatenated in that order.
+Several queries share one pass: x (q, k) goes to every shard. A task scores its shards one
+after another (`score_files`): the float16 features are viewed in place in the file's Parquet
+page (`pipeline.pages`; no decode, no copy), screened (`ctrak.screen.exact_topk`: a float16
+or float32 screen, then float64 scores of the few rows that can reach the top-k - the float64
+ranking exactly) and merged into the task's running top-k; a file's hit columns (key,
+caption, metadata) are decoded only when one of its rows enters it. The driver merges the
+tasks' top-k in `ctrak.topk`'s order (exact: merge of per-part top-k == global top-k). Files
+of older layouts are decoded through Arrow, SCAN_ROWS rows at a time. Rows carry a global id
+shard_index * 2^32 + row (shards in sorted id order), which breaks score ties the same way
+the single-process engine does on features concatenated in that order.
 
 Every feature shard is read with its done-marker and checked against it (size, sha256, and
 the Gram checksum the Fisher was merged from) by the task that scores it: a truncated or
@@ -24,12 +27,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from ctrak.attribution import Query, resolve_negative
@@ -42,16 +46,19 @@ from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import StaleFisherError
 from pipeline.featurize import images_to_tensor, load_attributor
 from pipeline.fisher import current_kernel
+from pipeline.pages import column_views
 from pipeline.store import (
     FeatureStore,
     check_provenance,
     check_settings,
     feature_norms,
     feature_view,
+    parquet_batches,
 )
 
 ROW_BITS = 32  # global id = shard_index << 32 | row
 HIT_COLUMNS = ("key", "shard", "row", "caption", "metadata")
+DICTIONARY_COLUMNS = ["shard", "caption", "metadata"]  # read as dictionaries: cheap to decode
 MAX_SCORE_TASKS = 1024  # shards are scored in at most this many Ray tasks
 SCAN_ROWS = 16384  # rows decoded and scored at a time: 32 MB of float16 at k = 1024
 
@@ -216,6 +223,110 @@ def score_shard(
     return pa.concat_tables(best_candidates(pa.concat_tables(parts), x.shape[0], top_k))
 
 
+def _above_floor(
+    floor: pa.Table, query: np.ndarray, score: np.ndarray, gid: np.ndarray, top_k: int
+) -> np.ndarray:
+    """Which candidates (query, score, gid) (c,) rank above their query's k-th row in `floor`
+    (a running top-k, rows grouped by query in rank order): the others cannot enter it."""
+    fq = np.asarray(floor.column("query"), np.int64)
+    fs = np.asarray(floor.column("score"), np.float64)
+    fg = np.asarray(floor.column("gid"), np.int64)
+    keep = np.ones(query.shape, bool)
+    for j in np.unique(query):
+        rows = np.flatnonzero(fq == j)
+        if rows.size < top_k:
+            continue
+        last, mine = rows[-1], query == j
+        keep[mine] = (score[mine] > fs[last]) | ((score[mine] == fs[last]) & (gid[mine] < fg[last]))
+    return keep
+
+
+def score_file(
+    data: bytes | pa.Buffer,
+    *,
+    x: np.ndarray,
+    top_k: int,
+    shard_index: dict[str, int],
+    floor: pa.Table | None = None,
+) -> pa.Table:
+    """One feature file's bytes and x (q, k) -> its top-k rows per query (query, gid, score + the
+    hit columns), less those that cannot enter `floor` (the running top-k of files scored
+    before). The features are read in place from the Parquet pages (`pipeline.pages`) and all
+    the file's rows screened at once (`ctrak.screen.exact_topk`); the hit columns are decoded
+    only when a row survives; only `shard` and `row` (the ids) are decoded for every file.
+    Other layouts (older stores) decode through Arrow in blocks of SCAN_ROWS rows
+    (`score_shard`)."""
+    parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=DICTIONARY_COLUMNS)
+    pages = column_views(data, parquet, "feature")
+    norms = column_views(data, parquet, "feature_norm")
+    rows = column_views(data, parquet, "row")
+    shard = _constant(parquet, "shard")
+    if not pages or norms is None or rows is None or shard is None:  # another layout, no rows
+        return score_shard(
+            parquet_batches(data, SCAN_ROWS), x=x, top_k=top_k, shard_index=shard_index
+        )
+    gid = shard_index[shard] << ROW_BITS | np.concatenate(rows)  # (n,) int64
+    with warnings.catch_warnings():  # read-only views of the file's bytes, never written
+        warnings.simplefilter("ignore", UserWarning)
+        # torch needs its values aligned: a page that is not (an older writer) is copied
+        blocks = [torch.from_numpy(p if p.flags.aligned else p.copy()) for p in pages]
+        norms = torch.from_numpy(np.concatenate(norms))  # (n,) float32, a copy
+    best = exact_topk(blocks, torch.from_numpy(x), top_k, torch.from_numpy(gid), norms)
+    q, m = best.indices.shape
+    local = best.indices.reshape(-1).numpy()  # (q * m,) rows of the file
+    query, score = np.repeat(np.arange(q), m), best.values.reshape(-1).numpy()
+    if floor is not None:
+        keep = _above_floor(floor, query, score, gid[local], top_k)
+        local, query, score = local[keep], query[keep], score[keep]
+    names = [n for n in HIT_COLUMNS if n not in ("shard", "row")]
+    picked = parquet.read(columns=names, use_threads=False) if local.size else None
+    columns = {
+        name: _plain(picked.column(name).take(pa.array(local, pa.int64())))
+        if picked is not None
+        else pa.array([], pa.string())
+        for name in names
+    }
+    return pa.table(
+        {
+            "query": query,
+            "gid": gid[local],
+            "score": score,
+            **columns,
+            "shard": pa.array([shard] * local.size, pa.string()),
+            "row": gid[local] & ((1 << ROW_BITS) - 1),
+        }
+    ).select(["query", "gid", "score", *HIT_COLUMNS])
+
+
+def _constant(parquet: pq.ParquetFile, name: str) -> str | None:
+    """The one value of string column `name` in every row, from the row groups' statistics
+    (None: no statistics, or more than one value)."""
+    index = parquet.schema_arrow.get_field_index(name)
+    values = set()
+    for g in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(index).statistics
+        if stats is None or not stats.has_min_max or stats.null_count != 0:
+            return None
+        values.update((stats.min, stats.max))
+    return values.pop() if len(values) == 1 and isinstance(next(iter(values)), str) else None
+
+
+def score_files(
+    files: Iterable[bytes | pa.Buffer], *, x: np.ndarray, top_k: int, shard_index: dict[str, int]
+) -> pa.Table:
+    """Feature files' bytes, one after another -> the top-k rows per query over all of them
+    (`score_file` each against the running top-k, merged as it goes; exact)."""
+    running = None
+    for data in files:
+        part = score_file(data, x=x, top_k=top_k, shard_index=shard_index, floor=running)
+        del data  # the source may free the bytes before it reads the next file
+        both = part if running is None else pa.concat_tables([running, part])
+        running = pa.concat_tables(best_candidates(both, x.shape[0], top_k))
+    if running is None:
+        raise ConfigError("score_files needs at least one feature file")
+    return running
+
+
 def score_shards(
     batch: dict[str, np.ndarray],
     *,
@@ -226,23 +337,24 @@ def score_shards(
     top_k: int,
     shard_index: dict[str, int],
 ) -> pa.Table:
-    """Ray Data fn: shard ids (n,) -> their top-k candidate rows per query (`score_block` on
-    blocks of SCAN_ROWS rows, merged per shard). Each shard is read through its marker (size +
-    sha256 checked) and must be the one the Fisher was merged from (same Gram checksum)."""
+    """Ray Data fn: shard ids (n,) -> their top-k rows per query (`score_files`). Each shard is
+    read through its marker (size + sha256 checked) and must be the one the Fisher was merged
+    from (same Gram checksum)."""
     store = FeatureStore(store_uri, storage)
     shards = [str(s) for s in batch["shard"]]
     entries = store.entries(shards)
-    parts = []
-    for shard in shards:
-        entry = entries[shard]
-        if entry.files["gram"]["sha256"] != grams[shard]:
-            raise StaleFisherError(
-                f"shard {shard} of {store_uri} was rewritten after the Fisher was merged; run "
-                "`ctrak reindex` with this store to refresh it"
-            )
-        blocks = store.feature_batches(entry, SCAN_ROWS)  # one empty block if 0 rows
-        parts.append(score_shard(blocks, x=x, top_k=top_k, shard_index=shard_index))
-    return pa.concat_tables(parts)
+
+    def verified() -> Iterator[bytes]:
+        for shard in shards:
+            entry = entries[shard]
+            if entry.files["gram"]["sha256"] != grams[shard]:
+                raise StaleFisherError(
+                    f"shard {shard} of {store_uri} was rewritten after the Fisher was merged; "
+                    "run `ctrak reindex` with this store to refresh it"
+                )
+            yield store.read_file(entry, "features")
+
+    return score_files(verified(), x=x, top_k=top_k, shard_index=shard_index)
 
 
 def gather(candidates: pa.Table, num_queries: int, top_k: int) -> list[list[dict]]:

@@ -138,6 +138,7 @@ class ShardEntry:
 
 FEATURE_COLUMNS = ("feature", "feature_norm")  # written PLAIN: no dictionary, no compression
 UNIQUE_COLUMNS = ("key", "row")  # one value per row: a dictionary would only cost
+UNCOMPRESSED_COLUMNS = ("row", *FEATURE_COLUMNS)  # read in place by the scan (pipeline.pages)
 
 
 def feature_table(shard: str, columns: dict, features: np.ndarray) -> pa.Table:
@@ -154,7 +155,7 @@ def feature_table(shard: str, columns: dict, features: np.ndarray) -> pa.Table:
         [
             ("key", pa.string()),
             ("shard", pa.string()),
-            ("row", pa.int64()),
+            pa.field("row", pa.int64(), False),
             ("caption", pa.string()),
             ("metadata", pa.string()),
             pa.field("feature", pa.binary(width), False, {"dtype": phi.dtype.name}),
@@ -230,20 +231,63 @@ def _parse_json(data: bytes, path: str, uri: str) -> dict:
     return body
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    """Parquet bytes: FEATURE_COLUMNS PLAIN (no dictionary, compression or statistics: float16
-    bytes are incompressible and so decode at memory-copy speed), UNIQUE_COLUMNS snappy, the
-    rest snappy and dictionary-encoded (falls back to plain where values do not repeat)."""
+PAD_COLUMN = "feature_pad"  # layout only: shifts the feature page onto a cache line
+ALIGN = 64  # bytes: where the feature page's values start, so the scan can view them in place
+PAGE_BYTES = 1 << 30  # one data page per column chunk up to this size
+
+
+def _write_parquet(table: pa.Table) -> bytes:
     names = table.column_names
+    raw = (*UNCOMPRESSED_COLUMNS, PAD_COLUMN)
     buffer = io.BytesIO()
     pq.write_table(
         table,
         buffer,
         use_dictionary=[c for c in names if c not in FEATURE_COLUMNS + UNIQUE_COLUMNS],
-        compression={c: "none" if c in FEATURE_COLUMNS else "snappy" for c in names},
-        write_statistics=[c for c in names if c not in FEATURE_COLUMNS],
+        compression={c: "none" if c in raw else "snappy" for c in names},
+        write_statistics=[c for c in names if c not in (*FEATURE_COLUMNS, PAD_COLUMN)],
+        data_page_size=PAGE_BYTES,
+        max_rows_per_page=1 << 24,
     )
     return buffer.getvalue()
+
+
+def _feature_misalignment(data: bytes) -> int | None:
+    """Where the first `feature` page's values start, modulo ALIGN (None: no such page)."""
+    from pipeline.pages import column_views
+
+    views = column_views(data, pq.ParquetFile(pa.BufferReader(data)), "feature")
+    if not views:
+        return None
+    return (views[0].ctypes.data - np.frombuffer(data, np.uint8).ctypes.data) % ALIGN
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes: FEATURE_COLUMNS PLAIN (no dictionary, compression or statistics: float16
+    bytes are incompressible and so decode at memory-copy speed), `row` PLAIN and uncompressed
+    too (the scan reads it in place), `key` snappy, the rest snappy and dictionary-encoded
+    (falls back to plain where values do not repeat).
+
+    A feature table is written with one data page per column chunk (up to PAGE_BYTES) and a
+    PAD_COLUMN just before `feature`: one repeated value of zero bytes (in its dictionary
+    page; under 2 ALIGN bytes), its length chosen so that the feature values start on an ALIGN-byte boundary of the
+    file and a scan can view them in place (`pipeline.pages`). Readers drop it
+    (`FeatureStore.read_features`); it carries no data."""
+    names = table.column_names
+    if "feature" not in names or table.num_rows == 0:
+        return _write_parquet(table)
+    where = names.index("feature")
+    pad, data = 0, b""
+    for _ in range(8):  # the pad's header grows a byte at times: move on by what is left
+        padded = table.add_column(
+            where, pa.field(PAD_COLUMN, pa.binary(), False), pa.repeat(b"\0" * pad, len(table))
+        )
+        data = _write_parquet(padded)
+        miss = _feature_misalignment(data)
+        if not miss:  # aligned, or not a layout the scan reads in place anyway
+            break
+        pad += ALIGN - miss
+    return data
 
 
 def parquet_batches(data: bytes | pa.Buffer, rows: int) -> Iterator[pa.RecordBatch]:
@@ -408,7 +452,9 @@ class FeatureStore:
         return np.load(io.BytesIO(self.read_file(entry, "gram")))
 
     def read_features(self, entry: ShardEntry) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.read_file(entry, "features")))
+        """The shard's feature table (verified), without the layout's PAD_COLUMN."""
+        table = pq.read_table(pa.BufferReader(self.read_file(entry, "features")))
+        return table.drop_columns([PAD_COLUMN]) if PAD_COLUMN in table.column_names else table
 
     def feature_batches(self, entry: ShardEntry, rows: int) -> Iterator[pa.RecordBatch]:
         """The shard's feature table (verified) as record batches (`parquet_batches`)."""

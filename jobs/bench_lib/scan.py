@@ -4,11 +4,12 @@ Product store: Parquet files in `pipeline.store`'s layout and writer (one 10k-ro
 shard, `feature_table` + `parquet_bytes`: feature fixed_size_binary(2k) float16 PLAIN and
 uncompressed, feature_norm, snappy string columns), random normal features; file i is file
 0's features with rows rolled and low mantissa bits flipped (cheap to make, no exact ties).
-The product scan is `pipeline.query`'s per-shard path run in one process without Ray: each
+The product scan is `pipeline.query`'s per-task path run in one process without Ray: each
 file memory-mapped (in the page cache, as a query task holds a shard's bytes after its GET;
-not counted: the transfer and the sha256 check against the marker) -> `parquet_batches` of
-SCAN_ROWS -> `score_shard` (per block `score_block`: float32 screen, float64 rescore of the
-few rows that can reach the top-k) -> `gather`. Its top-k is checked against a dense float64
+not counted: the transfer and the sha256 check against the marker) -> `score_files` (per
+file: the float16 rows viewed in place in the Parquet pages, a float16 (1 query) or float32
+screen, a float64 rescore of the few rows that can reach the top-k, hit columns decoded only
+for rows that enter the running top-k) -> `gather`. Its top-k is checked against a dense float64
 top-k of the first file.
 
 Arithmetic ceiling: `ctrak.screen.screen_scores` alone (float16 -> float32 in cache, x Phi^T
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ctrak.kernel import fit_kernel, gram, scores, solve
@@ -82,28 +85,46 @@ def write_store(root: Path, rows: int, k: int, file_rows: int, seed: int = 0) ->
     }
 
 
+def _mapped(path: str) -> pa.Buffer:
+    """A file's bytes mapped read-only with its page-table entries populated up front (Linux
+    MAP_POPULATE: no page faults while scanning, no bytes pulled through the CPU caches)."""
+    import mmap
+
+    with open(path, "rb") as handle:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    return pa.py_buffer(mapped)  # unmapped when the last view goes
+
+
 def product_scan(
     files: list[str], x: np.ndarray, top: int, after_file: Callable[[], None] | None = None
-) -> tuple[list[list[dict]], int]:
-    """pipeline.query's scan in one process: x (q, k) float64 -> (hits per query, rows). Each
-    file is memory-mapped (its bytes in the page cache, as a query task holds a shard's bytes
-    after the GET) -> `parquet_batches` of SCAN_ROWS rows -> `score_shard` -> `gather`.
-    `after_file` runs after each file (the memory probe)."""
-    import pyarrow as pa
-
-    from pipeline.query import SCAN_ROWS, gather, score_shard
-    from pipeline.store import parquet_batches
+) -> tuple[list[list[dict]], int, float]:
+    """pipeline.query's scan in one process: x (q, k) float64 -> (hits per query, rows, seconds
+    spent mapping files). Each file is mapped from the page cache (its bytes in memory, as a
+    query task holds a shard's bytes after the GET; the mapping is the GET's stand-in, so its
+    seconds are returned for the caller to leave out) -> `score_files` (features read in place
+    from the Parquet pages, each file against the running top-k) -> `gather`. `after_file`
+    runs after each file (the memory probe)."""
+    from pipeline.query import gather, score_files
 
     shard_index = {Path(f).stem: i for i, f in enumerate(sorted(files))}
-    parts, sizes = [], []
-    for path in files:
-        with pa.memory_map(path) as source:
-            blocks = parquet_batches(source.read_buffer(), SCAN_ROWS)
-            counted = (sizes.append(b.num_rows) or b for b in blocks)
-            parts.append(score_shard(counted, x=x, top_k=top, shard_index=shard_index))
-        if after_file is not None:
-            after_file()
-    return gather(pa.concat_tables(parts), x.shape[0], top), sum(sizes)
+    rows, loading = [0], [0.0]
+
+    def mapped():
+        for path in files:
+            begin = time.perf_counter()
+            data = _mapped(path)
+            rows[0] += pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+            loading[0] += time.perf_counter() - begin
+            yield data
+            begin = time.perf_counter()
+            del data  # the last reference: unmapped here, on the loading clock
+            loading[0] += time.perf_counter() - begin
+            if after_file is not None:
+                after_file()
+
+    best = score_files(mapped(), x=x, top_k=top, shard_index=shard_index)
+    return gather(best, x.shape[0], top), rows[0], loading[0]
 
 
 def copy_bandwidth(total_bytes: int, buffer_bytes: int = 256 << 20) -> dict[str, float]:
@@ -139,7 +160,7 @@ def check_exact(files: list[str], x: np.ndarray, top: int) -> float:
 
     phi = torch.from_numpy(table_features(pq.read_table(files[0])))  # (n, k) float16
     exact = topk(scores(phi, torch.from_numpy(x)), top)  # rows in file order
-    hits, _ = product_scan(files[:1], x, top)
+    hits, _, _ = product_scan(files[:1], x, top)
     rows = torch.tensor([[h["row"] for h in per_query] for per_query in hits])
     return float((rows == exact.indices).double().mean())
 

@@ -279,7 +279,7 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
             product["rows"],
             "rows",
             note=f"k={k}, top-{top}, timed twice: {q} queries (the full run of the memory pair "
-            "below) and 1 query (its own process); pipeline.query score_shard + gather, one "
+            "below) and 1 query (its own process); pipeline.query score_files + gather, one "
             "process, no Ray, files memory-mapped from the page cache",
         ),
         Row(
