@@ -143,6 +143,25 @@ def _take_rows(blocks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     return torch.stack(picked) if picked else blocks[0][:0]
 
 
+def _is_half(blocks: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether `screen` takes the float16 path for these inputs."""
+    return (
+        x.shape[0] == 1 and all(b.dtype == torch.float16 for b in blocks) and _half_sum_is_float32()
+    )
+
+
+def screen(
+    phi: Blocks, x: torch.Tensor, phi_norm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (q, k) float64 over phi's rows, N = phi_norm >= every ||phi_j|| -> (s (q, n) float32,
+    E (q, 1) float64, x~): the float16 matrix-vector screen for one query over float16 rows,
+    else the float32 screen; |s_ij - x~_i . phi_j| <= E_i (module docstring)."""
+    blocks = _blocks(phi)
+    if _is_half(blocks, x) and 0 < phi_norm * float(x.abs().max()) * x.shape[1] < math.inf:
+        return _half_screen(blocks, x, phi_norm)
+    return _float32_screen(blocks, x, phi_norm)
+
+
 def exact_topk(
     phi: Blocks,
     x: torch.Tensor,
@@ -165,18 +184,13 @@ def exact_topk(
     x = x.to(torch.float64)
     phi_norm = float(norms.max())
     # 1. the screen: float16 matrix-vector for one query over float16 rows, else float32
-    half = q == 1 and all(b.dtype == torch.float16 for b in blocks) and _half_sum_is_float32()
-    ieee = half or torch.get_float32_matmul_precision() == "highest"  # else bfloat16 may be used
-    if half and 0 < phi_norm * float(x.abs().max()) * x.shape[1] < math.inf:
-        s32, eps, _ = _half_screen(blocks, x, phi_norm)
-    else:
-        s32, eps, _ = _float32_screen(blocks, x, phi_norm)
-    if ieee and math.isfinite(float(s32.sum(dtype=torch.float64)) + float(eps.sum())):
+    s32, eps, _ = screen(blocks, x, phi_norm)
+    if math.isfinite(float(s32.sum(dtype=torch.float64)) + float(eps.sum())):
         # 2. keep the rows within 2 E of the m-th largest screened score (a float64 threshold:
         #    s32 >= t holds exactly when s32 >= t rounded up to float32)
         t = torch.topk(s32, m, dim=1).values[:, -1:].to(torch.float64)  # (q, 1)
         keep = torch.ge(s32, t - 2 * eps).any(0).nonzero().squeeze(1)  # (c,) union of queries
-    else:  # overflow, NaN or a reduced-precision matmul: every row in float64
+    else:  # overflow, NaN or a reduced-precision matmul (E = inf): every row in float64
         keep = torch.arange(n)
     # 3. rescore the kept rows in float64 (float16 -> float32 is exact and fast); the exact
     #    top-m by (score desc, id asc), ids replaced by their ranks among the kept rows

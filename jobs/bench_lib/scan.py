@@ -12,8 +12,9 @@ screen, a float64 rescore of the few rows that can reach the top-k, hit columns 
 for rows that enter the running top-k) -> `gather`. Its top-k is checked against a dense float64
 top-k of the first file.
 
-Arithmetic ceiling: `ctrak.screen.screen_scores` alone (float16 -> float32 in cache, x Phi^T
-in float32) over float16 rows already in memory, no decode: the scan cannot beat it.
+Arithmetic ceiling: `ctrak.screen.screen` alone (one query: float16 matrix-vector; several:
+float16 -> float32 in cache, x Phi^T in float32) over float16 rows already in memory, no
+decode: the scan cannot beat it.
 Copy bandwidth: `np.copyto` of one buffer, repeated to the store's feature bytes; the median
 of the copies is the reference. All of it single-threaded (torch threads = bench --threads,
 Arrow decodes in the calling thread).
@@ -166,18 +167,22 @@ def check_exact(files: list[str], x: np.ndarray, top: int) -> float:
 
 
 def measure_ceiling(k: int, q: int, rows: int, repeats: int = 3) -> dict[str, float]:
-    """`screen_scores` of x (q, k) over `rows` random float16 rows in memory, no decode (the
-    best of `repeats`) -> {"rows_per_s", "bytes_per_s", "gflop_per_s"}."""
-    from ctrak.screen import screen_scores
+    """`ctrak.screen.screen` of x (q, k) over `rows` random float16 rows in memory, in blocks of
+    a file's size, no decode (the best of `repeats`): the float16 matrix-vector screen for one
+    query, the float32 one for several, as the scan runs them -> {"rows_per_s", "bytes_per_s",
+    "gflop_per_s"}."""
+    from ctrak.screen import screen
 
     gen = torch.Generator().manual_seed(2)
     phi = torch.randn(rows, k, generator=gen).to(torch.float16)
-    x = torch.randn(q, k, generator=gen)
-    screen_scores(phi[: min(rows, 4096)], x)
+    blocks = list(torch.split(phi, 10_000))
+    x = torch.randn(q, k, generator=gen, dtype=torch.float64)
+    norm = float(phi[:1000].float().norm(dim=1).max()) * 2
+    screen(blocks[:1], x, norm)
     best = float("inf")
     for _ in range(repeats):
         begin = time.perf_counter()
-        screen_scores(phi, x)
+        screen(blocks, x, norm)
         best = min(best, time.perf_counter() - begin)
     return {
         "rows": rows,

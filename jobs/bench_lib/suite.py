@@ -3,7 +3,7 @@
 toy    - naive vs default speed, FE, efficiency; quality vs exact scores (synthetic world)
 sd     - naive vs default speed, FE, efficiency on the SD-shaped UNet (attn2)
 query  - bytes per sample; a synthetic 1M x k store: the product scan with 8 queries and with
-         1 query vs a memory copy (and vs float32 arithmetic alone), its exactness, its peak
+         1 query vs a memory copy (and vs the screen's arithmetic alone), its exactness, its peak
          RSS at 1/4 and all of the store (8 queries); Fisher merge
 memory - peak RSS of featurize (toy, N and 4N samples)
 """
@@ -180,8 +180,9 @@ def _scan_rates(run: dict, k: int, bandwidth: float) -> dict[str, float]:
 
 def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
     """The scan with q queries: rows/s, bandwidth, its ratio to the copy (the target) and the
-    float32 arithmetic ceiling's ratio (q queries cost 2 q k FLOP per row)."""
+    screen's arithmetic ceiling's ratio (q queries cost 2 q k FLOP per row)."""
     label = f"{q} quer{'y' if q == 1 else 'ies'}"
+    path = "float16 matrix-vector" if q == 1 else "float16 -> float32 in cache, float32 matmul"
     return [
         Row("query", f"scan rows/s, {label}", run["rows_per_s"], "rows/s"),
         Row(
@@ -199,9 +200,9 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
         ),
         Row(
             "query",
-            f"float32 arithmetic alone / copy bandwidth, {label}",
+            f"screen arithmetic alone / copy bandwidth, {label}",
             ceiling["ratio_to_copy"],
-            note=f"the scan's ceiling: ctrak.screen.screen_scores, {2 * q} FLOP per 2-byte "
+            note=f"the scan's ceiling: ctrak.screen.screen ({path}), {2 * q} FLOP per 2-byte "
             f"feature element, on {ceiling['rows']:,} float16 rows in memory, no decode: "
             f"{ceiling['gflop_per_s']:.3g} GFLOP/s, {ceiling['rows_per_s']:.3g} rows/s",
         ),
@@ -211,7 +212,7 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
 def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
     """Bytes per sample; the product scan of a synthetic store with 8 queries (memory at 1/4
     and all of it, timed on all of it) and with 1 query (timed on all of it), top-k checked
-    against float64 on one file, each vs a memory copy and vs the float32 arithmetic alone;
+    against float64 on one file, each vs a memory copy and vs the screen's arithmetic alone;
     Fisher merge. All single-threaded (--threads)."""
     from ctrak.config import ProjectionConfig
     from pipeline.config import JobConfig
@@ -240,7 +241,7 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
     )
     single.update(queries=1, **_scan_rates(single, k, bandwidth))
     single["top_agreement_with_float64"] = exact[1]
-    log.info("query: float32 arithmetic ceiling (%d and 1 queries), Fisher merge", q)
+    log.info("query: screen arithmetic ceiling (%d and 1 queries), Fisher merge", q)
     ceiling = {n: scan.measure_ceiling(k, n, min(rows, 50_000)) for n in (q, 1)}
     for c in ceiling.values():
         c["ratio_to_copy"] = c["bytes_per_s"] / bandwidth
