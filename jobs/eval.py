@@ -21,10 +21,11 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default="concept-trak,trak,d-trak,das")
     parser.add_argument(
         "--variants",
-        choices=["methods", "ablation", "cost"],
+        choices=["methods", "ablation", "cost", "reference"],
         default="methods",
         help="methods: --methods with defaults; ablation: the paper's component ablation; "
-        "cost: inversion steps / guidance / number of timesteps",
+        "cost: inversion steps / guidance / number of timesteps; reference: the default path "
+        "vs the benchmark's naive reference",
     )
     parser.add_argument("--num-train", type=int, default=240, help="training rows attributed")
     parser.add_argument("--per-combo", type=int, default=4, help="query images per combination")
@@ -49,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
         evaluate,
         markdown_table,
         method_variants,
+        reference_variants,
     )
 
     variants = {
         "methods": lambda: method_variants(args.methods.split(",")),
         "ablation": ablation_variants,
         "cost": cost_variants,
+        "reference": reference_variants,
     }[args.variants]()
     result = evaluate(
         args.model,

@@ -82,6 +82,21 @@ def cost_variants() -> list[Variant]:
     return out
 
 
+def reference_variants() -> list[Variant]:
+    """Concept-TRAK's default path against the benchmark's naive reference (exact per-sample
+    gradients, dense JL to k = 2048, 50-step CFG 7.5 inversion: `ctrak bench`'s naive), over
+    all parameters (the benchmark's toy section) and over attn2 (its SD-shaped section, and
+    the shipped default): the P@10 side of the benchmark's speed-ups."""
+    from jobs.bench_lib.speed import default_config, naive_config
+
+    return [
+        Variant("default path, all params", default_config(())),
+        Variant("naive reference, all params", naive_config((), 2048)),
+        Variant("default path, attn2 (shipped)", AttributionConfig()),
+        Variant("naive reference, attn2", naive_config(("attn2",), 2048)),
+    ]
+
+
 def training_set(model_dir: Path, work: Path, num_train: int):
     """The model's own training world (from its data_spec.json), first `num_train` rows:
     (images (N, 3, H, W) in [-1, 1], captions, labels, spec)."""
