@@ -61,6 +61,20 @@ def solve(kernel: Kernel, g: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(rhs, kernel.chol).T
 
 
+SCORE_ROWS = 256  # rows multiplied at a time: q x 256 x k float64 products
+
+
 def scores(features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """features (n, k), x (q, k) -> scores (q, n) = x Phi^T, float64."""
-    return x.to(torch.float64) @ features.to(torch.float64).T
+    """features (n, k), x (q, k) -> scores (q, n) = x Phi^T, float64.
+
+    Each score is the same float64 number whichever other rows and queries it is computed
+    with (elementwise products, then one sum per score over k in a fixed order; a BLAS matmul
+    sums in an order that depends on the matrix shapes, so a row rescored alone could differ in
+    the last bit from the same row scored in a block). That keeps exact ties exact across
+    shards, blocks and the single-process engine, so ties break by id everywhere."""
+    x = x.to(torch.float64)
+    out = torch.empty(x.shape[0], features.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, features.shape[0], SCORE_ROWS):
+        rows = features[start : start + SCORE_ROWS].to(device=x.device, dtype=torch.float64)
+        out[:, start : start + rows.shape[0]] = (x[:, None, :] * rows[None]).sum(-1)
+    return out

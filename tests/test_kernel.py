@@ -66,3 +66,17 @@ def test_merged_chunk_topk_equals_global_topk(k):
 def test_topk_bad_k():
     with pytest.raises(ConfigError, match="positive integer"):
         topk(torch.zeros(1, 3), 0)
+
+
+def test_scores_do_not_depend_on_the_other_rows_or_queries():
+    """A row scored alone, in a subset or with other queries gives the same float64 bits (a
+    BLAS matmul does not: its summation order follows the shapes), so exact ties stay ties
+    between shards, blocks and the engine; and the values are x . phi to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(700, 96, generator=gen).half()
+    x = torch.randn(5, 96, generator=gen, dtype=torch.float64)
+    full = scores(phi, x)
+    for rows in ([3], [3, 4], list(range(0, 700, 9)), [699, 0, 257]):
+        assert torch.equal(scores(phi[rows], x), full[:, rows])
+        assert torch.equal(scores(phi[rows], x[2:3]), full[2:3, rows])
+    torch.testing.assert_close(full, x @ phi.double().T, rtol=1e-12, atol=1e-12)
