@@ -94,29 +94,37 @@ def _half_screen(
     blocks: list[torch.Tensor], x: torch.Tensor, phi_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query x (1, k) float64 over float16 blocks -> (s (1, n) float32: the float16 product
-    with x~ = x 2^-e, E (1, 1) float64: a bound on |s_j - x~ . phi_j| (module docstring))."""
+    with x~ = x c, E (1, 1) float64: a bound on |s_j - x~ . phi_j| (module docstring), the
+    scale c = 2^-e (1, 1) float64)."""
     k = x.shape[1]
     norm, top = float(torch.linalg.vector_norm(x)), float(x.abs().max())
     exponent = max(math.frexp(norm * phi_norm)[1], math.frexp(top)[1]) - 14
-    x_scaled = x[0] * 2.0 ** -max(exponent, -1000)  # float64, exact
+    scale = 2.0 ** -max(exponent, -1000)
+    x_scaled = x[0] * scale  # float64, exact
     x16 = x_scaled.to(torch.float16)
     s = torch.cat([torch.mv(b, x16) for b in blocks]).to(torch.float32)[None]  # (1, n)
     X = float(torch.linalg.vector_norm(x_scaled)) * (1 + 2.0**-10)
     bound = 2 * (2.0**-10 + (k + 2) * 2.0**-24) * X * phi_norm + 2.0**-24 * (
         1 + math.sqrt(k) * phi_norm
     )
-    return s, torch.tensor([[bound]], dtype=torch.float64), x_scaled[None]
+    return s, torch.tensor([[bound]], dtype=torch.float64), torch.tensor([[scale]])
 
 
 def _float32_screen(
     blocks: list[torch.Tensor], x: torch.Tensor, phi_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (q, k) float64 -> (s32 (q, n), E (q, 1) float64, x~ (q, k) float32), x scaled by a
-    power of two so that max |x~| <= 1."""
-    scale = float(x.abs().max())
-    exponent = math.frexp(scale)[1] if 0 < scale < math.inf else 0
-    x_scaled = (x * 2.0 ** -max(exponent, -1000)).to(torch.float32)
-    return screen_scores(blocks, x_scaled), error_bound(x_scaled, phi_norm), x_scaled
+    """x (q, k) float64 -> (s32 (q, n) of x~ = x c in float32, E (q, 1) float64, the scale
+    c = 2^-e (q, 1) float64), c such that max |x~| <= 1. E is infinite while torch allows
+    float32 matmuls in lower precision (torch.set_float32_matmul_precision other than
+    "highest": mm may round to bfloat16)."""
+    top = float(x.abs().max())
+    exponent = math.frexp(top)[1] if 0 < top < math.inf else 0
+    scale = 2.0 ** -max(exponent, -1000)
+    x_scaled = (x * scale).to(torch.float32)
+    eps = error_bound(x_scaled, phi_norm)
+    if torch.get_float32_matmul_precision() != "highest":
+        eps = torch.full_like(eps, math.inf)
+    return screen_scores(blocks, x_scaled), eps, torch.full((x.shape[0], 1), scale)
 
 
 def error_bound(x: torch.Tensor, phi_norm: float) -> torch.Tensor:
@@ -154,8 +162,9 @@ def screen(
     phi: Blocks, x: torch.Tensor, phi_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (q, k) float64 over phi's rows, N = phi_norm >= every ||phi_j|| -> (s (q, n) float32,
-    E (q, 1) float64, x~): the float16 matrix-vector screen for one query over float16 rows,
-    else the float32 screen; |s_ij - x~_i . phi_j| <= E_i (module docstring)."""
+    E (q, 1) float64, c (q, 1) float64): the float16 matrix-vector screen for one query over
+    float16 rows, else the float32 screen; |s_ij - c_i x_i . phi_j| <= E_i (module
+    docstring; c_i a power of two)."""
     blocks = _blocks(phi)
     if _is_half(blocks, x) and 0 < phi_norm * float(x.abs().max()) * x.shape[1] < math.inf:
         return _half_screen(blocks, x, phi_norm)
@@ -168,12 +177,18 @@ def exact_topk(
     k: int,
     ids: torch.Tensor,
     norms: torch.Tensor | None = None,
+    floor: torch.Tensor | None = None,
 ) -> TopK:
     """phi (n, k) float16|float32 (or row blocks of it, in order, one dtype), x (q, k)
     float64, ids (n,) int64 unique (they order ties), norms ||phi_j|| (n,) (computed when None)
     -> the float64 top-min(k, n) of x phi^T per query: values (q, m) float64 = kernel.scores of
     those rows, indices (q, m) their rows in phi (0..n-1), in rank order: descending score,
-    ties by ascending id."""
+    ties by ascending id.
+
+    `floor` (q,) float64, the k-th score of a running top-k (-inf where it is not full): rows
+    that score below floor_i for every query i cannot enter it and are dropped by the screen;
+    the top-min(k, c) of the c rows left is returned ((q, 0) when none is left). Rows below
+    the floor for some queries may still be returned for those: the caller filters exactly."""
     blocks = _blocks(phi)
     q, n = x.shape[0], sum(b.shape[0] for b in blocks)
     m = min(k, n)
@@ -184,19 +199,24 @@ def exact_topk(
     x = x.to(torch.float64)
     phi_norm = float(norms.max())
     # 1. the screen: float16 matrix-vector for one query over float16 rows, else float32
-    s32, eps, _ = screen(blocks, x, phi_norm)
+    s32, eps, scale = screen(blocks, x, phi_norm)
     if math.isfinite(float(s32.sum(dtype=torch.float64)) + float(eps.sum())):
         # 2. keep the rows within 2 E of the m-th largest screened score (a float64 threshold:
         #    s32 >= t holds exactly when s32 >= t rounded up to float32)
         t = torch.topk(s32, m, dim=1).values[:, -1:].to(torch.float64)  # (q, 1)
-        keep = torch.ge(s32, t - 2 * eps).any(0).nonzero().squeeze(1)  # (c,) union of queries
+        wanted = torch.ge(s32, t - 2 * eps)  # (q, n)
+        if floor is not None:  # s32 < c floor - E: the row scores below the floor
+            wanted &= torch.ge(s32, floor.to(torch.float64)[:, None] * scale - eps)
+        keep = wanted.any(0).nonzero().squeeze(1)  # (c,) union of queries
     else:  # overflow, NaN or a reduced-precision matmul (E = inf): every row in float64
         keep = torch.arange(n)
+    if keep.numel() == 0:
+        return TopK(torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64))
     # 3. rescore the kept rows in float64 (float16 -> float32 is exact and fast); the exact
     #    top-m by (score desc, id asc), ids replaced by their ranks among the kept rows
     s64 = scores(_take_rows(blocks, keep).to(torch.float32), x)  # (q, c) float64
     order = torch.argsort(ids[keep])  # (c,) rank -> kept row
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())  # (c,) kept row -> rank
-    best = merge_topk([TopK(s64, rank.expand(q, -1))], m)  # indices: ranks
+    best = merge_topk([TopK(s64, rank.expand(q, -1))], min(m, keep.numel()))  # indices: ranks
     return TopK(best.values, keep[order[best.indices]])
