@@ -171,28 +171,38 @@ def _layout(field: pa.Field) -> tuple[np.dtype, int, int] | None:
 
 
 def column_views(
-    data: bytes | pa.Buffer, parquet: pq.ParquetFile, name: str
+    data: bytes | pa.Buffer, parquet: pq.ParquetFile, *names: str
+) -> list[list[np.ndarray] | None]:
+    """Per name, zero-copy views of that column of a Parquet file's bytes, one per data page in
+    row order: (rows_i, k) for a fixed_size_binary column with field metadata `dtype`, (rows_i,)
+    for float32/float64/int64. None - decode through Arrow instead - unless the column is
+    required, PLAIN and uncompressed without a dictionary (the store's `feature`,
+    `feature_norm` and `row`)."""
+    schema, meta = parquet.schema_arrow, parquet.metadata
+    paths = [meta.schema.column(j).path for j in range(meta.num_columns)]
+    memory = memoryview(data).cast("B")
+    return [_views(data, memory, meta, schema, paths, name) for name in names]
+
+
+def _views(
+    data: bytes | pa.Buffer,
+    memory: memoryview,
+    meta: pq.FileMetaData,
+    schema: pa.Schema,
+    paths: list[str],
+    name: str,
 ) -> list[np.ndarray] | None:
-    """Zero-copy views of column `name` of a Parquet file's bytes, one per data page in row
-    order: (rows_i, k) for a fixed_size_binary column with field metadata `dtype`, (rows_i,) for
-    float32/float64/int64. None - decode through Arrow instead - unless the column is required,
-    PLAIN and uncompressed without a dictionary (the store's `feature` and `feature_norm`)."""
-    schema = parquet.schema_arrow
-    if name not in schema.names:
+    if name not in schema.names or paths.count(name) != 1:
         return None
     layout = _layout(schema.field(name))
     if layout is None:
         return None
     dtype, width, per_row = layout
-    paths = [parquet.metadata.schema.column(j).path for j in range(len(parquet.metadata.schema))]
-    if paths.count(name) != 1:
-        return None
     column = paths.index(name)
-    memory = memoryview(data).cast("B")
     views, total = [], 0
     try:
-        for g in range(parquet.metadata.num_row_groups):
-            chunk = parquet.metadata.row_group(g).column(column)
+        for g in range(meta.num_row_groups):
+            chunk = meta.row_group(g).column(column)
             if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page:
                 return None
             start = chunk.data_page_offset
@@ -210,4 +220,4 @@ def column_views(
                 reader.pos, rows_left, total = body + size, rows_left - rows, total + rows
     except _MalformedError:
         return None
-    return views if total == parquet.metadata.num_rows else None
+    return views if total == meta.num_rows else None

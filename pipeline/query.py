@@ -223,6 +223,19 @@ def score_shard(
     return pa.concat_tables(best_candidates(pa.concat_tables(parts), x.shape[0], top_k))
 
 
+def _floor_scores(floor: pa.Table, num_queries: int, top_k: int) -> np.ndarray:
+    """The k-th score of each query in a running top-k (rows grouped by query in rank order),
+    -inf where it holds fewer than top_k rows: (q,) float64."""
+    query = np.asarray(floor.column("query"), np.int64)
+    score = np.asarray(floor.column("score"), np.float64)
+    counts = np.bincount(query, minlength=num_queries)
+    kth = np.full(num_queries, -np.inf)
+    last = np.cumsum(counts) - 1  # the last row of each query's group
+    full = counts >= top_k
+    kth[full] = score[last[full]]
+    return kth
+
+
 def _above_floor(
     floor: pa.Table, query: np.ndarray, score: np.ndarray, gid: np.ndarray, top_k: int
 ) -> np.ndarray:
@@ -257,9 +270,7 @@ def score_file(
     Other layouts (older stores) decode through Arrow in blocks of SCAN_ROWS rows
     (`score_shard`)."""
     parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=DICTIONARY_COLUMNS)
-    pages = column_views(data, parquet, "feature")
-    norms = column_views(data, parquet, "feature_norm")
-    rows = column_views(data, parquet, "row")
+    pages, norms, rows = column_views(data, parquet, "feature", "feature_norm", "row")
     shard = _constant(parquet, "shard")
     if not pages or norms is None or rows is None or shard is None:  # another layout, no rows
         return score_shard(
@@ -271,21 +282,20 @@ def score_file(
         # torch needs its values aligned: a page that is not (an older writer) is copied
         blocks = [torch.from_numpy(p if p.flags.aligned else p.copy()) for p in pages]
         norms = torch.from_numpy(np.concatenate(norms))  # (n,) float32, a copy
-    best = exact_topk(blocks, torch.from_numpy(x), top_k, torch.from_numpy(gid), norms)
+    kth = None if floor is None else torch.from_numpy(_floor_scores(floor, x.shape[0], top_k))
+    ids = torch.from_numpy(gid)
+    best = exact_topk(blocks, torch.from_numpy(x), top_k, ids, norms, floor=kth)
     q, m = best.indices.shape
     local = best.indices.reshape(-1).numpy()  # (q * m,) rows of the file
     query, score = np.repeat(np.arange(q), m), best.values.reshape(-1).numpy()
     if floor is not None:
         keep = _above_floor(floor, query, score, gid[local], top_k)
         local, query, score = local[keep], query[keep], score[keep]
+    if local.size == 0:
+        return _EMPTY_HITS
     names = [n for n in HIT_COLUMNS if n not in ("shard", "row")]
-    picked = parquet.read(columns=names, use_threads=False) if local.size else None
-    columns = {
-        name: _plain(picked.column(name).take(pa.array(local, pa.int64())))
-        if picked is not None
-        else pa.array([], pa.string())
-        for name in names
-    }
+    picked = parquet.read(columns=names, use_threads=False).take(pa.array(local, pa.int64()))
+    columns = {name: _plain(picked.column(name)) for name in names}
     return pa.table(
         {
             "query": query,
@@ -296,6 +306,16 @@ def score_file(
             "row": gid[local] & ((1 << ROW_BITS) - 1),
         }
     ).select(["query", "gid", "score", *HIT_COLUMNS])
+
+
+_EMPTY_HITS = pa.table(
+    {
+        "query": pa.array([], pa.int64()),
+        "gid": pa.array([], pa.int64()),
+        "score": pa.array([], pa.float64()),
+        **{n: pa.array([], pa.int64() if n == "row" else pa.string()) for n in HIT_COLUMNS},
+    }
+)
 
 
 def _constant(parquet: pq.ParquetFile, name: str) -> str | None:
@@ -320,6 +340,8 @@ def score_files(
     for data in files:
         part = score_file(data, x=x, top_k=top_k, shard_index=shard_index, floor=running)
         del data  # the source may free the bytes before it reads the next file
+        if running is not None and part.num_rows == 0:
+            continue  # nothing of this file enters the running top-k
         both = part if running is None else pa.concat_tables([running, part])
         running = pa.concat_tables(best_candidates(both, x.shape[0], top_k))
     if running is None:

@@ -256,7 +256,7 @@ def _feature_misalignment(data: bytes) -> int | None:
     """Where the first `feature` page's values start, modulo ALIGN (None: no such page)."""
     from pipeline.pages import column_views
 
-    views = column_views(data, pq.ParquetFile(pa.BufferReader(data)), "feature")
+    (views,) = column_views(data, pq.ParquetFile(pa.BufferReader(data)), "feature")
     if not views:
         return None
     return (views[0].ctypes.data - np.frombuffer(data, np.uint8).ctypes.data) % ALIGN
@@ -270,9 +270,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
     A feature table is written with one data page per column chunk (up to PAGE_BYTES) and a
     PAD_COLUMN just before `feature`: one repeated value of zero bytes (in its dictionary
-    page; under 2 ALIGN bytes), its length chosen so that the feature values start on an ALIGN-byte boundary of the
-    file and a scan can view them in place (`pipeline.pages`). Readers drop it
-    (`FeatureStore.read_features`); it carries no data."""
+    page; under 2 ALIGN bytes), its length chosen so that the feature values start on an
+    ALIGN-byte boundary of the file and a scan can view them in place (`pipeline.pages`).
+    Readers drop it (`FeatureStore.read_features`); it carries no data."""
     names = table.column_names
     if "feature" not in names or table.num_rows == 0:
         return _write_parquet(table)
