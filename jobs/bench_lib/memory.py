@@ -146,7 +146,7 @@ def query_child(args: argparse.Namespace) -> dict:
         probing[0] += time.perf_counter() - start
 
     begin = time.perf_counter()
-    _, rows, loading = product_scan(args.files, x, args.top, probe)
+    _, rows, loading = product_scan(args.files, x, args.top, probe if args.probe else None)
     seconds = time.perf_counter() - begin - probing[0] - loading
     step = max(1, len(trajectory) // 10)
     sampled = trajectory[step - 1 :: step]
@@ -185,8 +185,9 @@ def measure_query(files: list[str], split: int, k: int, queries: int, top: int, 
 
 def measure_scan(files: list[str], k: int, queries: int, top: int, threads: int) -> dict:
     """The timed product scan of all files with `queries` query vectors, alone in a fresh
-    process (the memory-flatness pair is `measure_query`)."""
+    process and without the memory probes (the memory-flatness pair is `measure_query`)."""
     argv = ["query", *files, "--k", str(k), "--queries", str(queries), "--top", str(top)]
+    argv.append("--no-probe")
     return run_children([argv], threads)[0]
 
 
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--k", type=int, required=True)
     query.add_argument("--queries", type=int, default=8)
     query.add_argument("--top", type=int, default=10)
+    query.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="time the scan alone: no memory probe (gc + malloc_trim) after each file",
+    )
     for p in (feat, query):
         p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

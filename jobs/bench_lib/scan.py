@@ -2,8 +2,8 @@
 
 Product store: Parquet files in `pipeline.store`'s layout and writer (one 10k-row file per
 shard, `feature_table` + `parquet_bytes`: feature fixed_size_binary(2k) float16 PLAIN and
-uncompressed, feature_norm, snappy string columns), random normal features; file i is file
-0's features with rows rolled and low mantissa bits flipped (cheap to make, no exact ties).
+uncompressed, feature_norm, snappy string columns), independent standard normal features in
+every file.
 The product scan is `pipeline.query`'s per-task path run in one process without Ray: each
 file memory-mapped (in the page cache, as a query task holds a shard's bytes after its GET;
 not counted: the transfer and the sha256 check against the marker) -> `score_files` (per
@@ -42,11 +42,11 @@ from ctrak.topk import topk
 CAPTIONS = ("a blue triangle", "a red circle", "a blue circle")
 
 
-def _features(base: np.ndarray, i: int, n: int) -> np.ndarray:
-    """File i's (n, k) float16 features from the base block (uint16 view)."""
-    data = np.roll(base[:n], (i * 7919) % n, axis=0)
-    np.bitwise_xor(data, np.uint16(i % 16), out=data)
-    return data.view(np.float16)
+def _features(seed: int, i: int, n: int, k: int) -> np.ndarray:
+    """File i's (n, k) float16 features: independent standard normal rows (a store whose
+    files repeat each other's best rows would make every file a contender for the top-k)."""
+    rng = np.random.default_rng([seed, i])
+    return rng.standard_normal((n, k), dtype=np.float32).astype(np.float16)
 
 
 def _columns(shard: str, n: int) -> dict:
@@ -66,13 +66,10 @@ def write_store(root: Path, rows: int, k: int, file_rows: int, seed: int = 0) ->
 
     begin = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal((min(file_rows, rows), k), dtype=np.float32)
-    base = base.astype(np.float16).view(np.uint16)
     files = []
     for i, start in enumerate(range(0, rows, file_rows)):
         n, shard = min(file_rows, rows - start), f"{i:05d}"
-        data = parquet_bytes(feature_table(shard, _columns(shard, n), _features(base, i, n)))
+        data = parquet_bytes(feature_table(shard, _columns(shard, n), _features(seed, i, n, k)))
         path, tmp = root / f"{shard}.parquet", root / f"{shard}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, path)
