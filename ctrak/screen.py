@@ -201,12 +201,18 @@ def exact_topk(
     # 1. the screen: float16 matrix-vector for one query over float16 rows, else float32
     s32, eps, scale = screen(blocks, x, phi_norm)
     if math.isfinite(float(s32.sum(dtype=torch.float64)) + float(eps.sum())):
+        if floor is not None:  # s32 < c floor - E: below the floor; often the whole block is
+            cut = floor.to(torch.float64)[:, None] * scale - eps  # (q, 1)
+            if bool((s32.max(1, keepdim=True).values < cut).all()):
+                return TopK(
+                    torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64)
+                )
         # 2. keep the rows within 2 E of the m-th largest screened score (a float64 threshold:
         #    s32 >= t holds exactly when s32 >= t rounded up to float32)
         t = torch.topk(s32, m, dim=1).values[:, -1:].to(torch.float64)  # (q, 1)
         wanted = torch.ge(s32, t - 2 * eps)  # (q, n)
-        if floor is not None:  # s32 < c floor - E: the row scores below the floor
-            wanted &= torch.ge(s32, floor.to(torch.float64)[:, None] * scale - eps)
+        if floor is not None:
+            wanted &= torch.ge(s32, cut)
         keep = wanted.any(0).nonzero().squeeze(1)  # (c,) union of queries
     else:  # overflow, NaN or a reduced-precision matmul (E = inf): every row in float64
         keep = torch.arange(n)
