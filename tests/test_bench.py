@@ -70,7 +70,11 @@ def test_storage_query_and_memory_are_sane(bench):
     assert scan["queries"] == 8 and one["queries"] == 1
     assert one["rows"] == scan["rows"] and one["ratio_to_copy"] > 0
     assert one["top_agreement_with_float64"] == 1.0
-    assert one["ratio_to_copy"] == pytest.approx(one["scan_bytes_per_s"] / scan["copy_bytes_per_s"])
+    for run in (scan, one):  # each against the copy measured beside it, 3 rounds
+        beside = run["copy_beside_scan_bytes_per_s"]
+        assert run["ratio_to_copy"] == pytest.approx(run["scan_bytes_per_s"] / beside)
+        assert len(run["rounds"]) == 3
+        assert sorted(r["ratio"] for r in run["rounds"])[1] == pytest.approx(run["ratio_to_copy"])
     assert query["arithmetic_ceiling_1_query"]["rows_per_s"] > 0
     targets = {r["name"]: r for r in bench["rows"] if r["name"].startswith("scan / copy")}
     assert set(targets) == {"scan / copy bandwidth, 8 queries", "scan / copy bandwidth, 1 query"}

@@ -135,6 +135,8 @@ def query_child(args: argparse.Namespace) -> dict:
 
     x = query_vectors(args.k, args.queries)
     product_scan(args.files[:1], x, args.top)  # imports and first touches before the baseline
+    if not args.probe:
+        return _timed_scans(args, x)
     release_free_memory()
     before = reset_peak()
     trajectory: list[float] = []
@@ -146,7 +148,7 @@ def query_child(args: argparse.Namespace) -> dict:
         probing[0] += time.perf_counter() - start
 
     begin = time.perf_counter()
-    _, rows, loading = product_scan(args.files, x, args.top, probe if args.probe else None)
+    _, rows, loading = product_scan(args.files, x, args.top, probe)
     seconds = time.perf_counter() - begin - probing[0] - loading
     step = max(1, len(trajectory) // 10)
     sampled = trajectory[step - 1 :: step]
@@ -158,6 +160,41 @@ def query_child(args: argparse.Namespace) -> dict:
         map_seconds=loading,
         peak_after_files_mb=sampled,
     )
+
+
+def _timed_scans(args: argparse.Namespace, x) -> dict:
+    """`args.repeats` rounds of (a memory copy of the store's feature bytes, then the scan),
+    alone in this process: the machine's bandwidth drifts over seconds on a shared host, so
+    each scan is compared with the copy measured just before it. Returns the median round by
+    ratio: {rows, seconds, copy_bytes_per_s, map_seconds, rounds}."""
+    import time
+
+    from jobs.bench_lib.scan import copy_bandwidth, product_scan
+
+    rounds = []
+    for _ in range(args.repeats):
+        feature_bytes = sum(_rows(f) for f in args.files) * args.k * 2
+        copy = copy_bandwidth(feature_bytes)["median"]
+        begin = time.perf_counter()
+        _, rows, loading = product_scan(args.files, x, args.top)
+        seconds = time.perf_counter() - begin - loading
+        rounds.append(
+            {
+                "rows": rows,
+                "seconds": seconds,
+                "copy_bytes_per_s": copy,
+                "map_seconds": loading,
+                "ratio": rows * args.k * 2 / seconds / copy,
+            }
+        )
+    median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+    return {**median, "rounds": rounds}
+
+
+def _rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def measure_featurize_memory(
@@ -185,9 +222,10 @@ def measure_query(files: list[str], split: int, k: int, queries: int, top: int, 
 
 def measure_scan(files: list[str], k: int, queries: int, top: int, threads: int) -> dict:
     """The timed product scan of all files with `queries` query vectors, alone in a fresh
-    process and without the memory probes (the memory-flatness pair is `measure_query`)."""
+    process and without the memory probes, 3 rounds of a copy then the scan (the median round
+    by ratio; the memory-flatness pair is `measure_query`)."""
     argv = ["query", *files, "--k", str(k), "--queries", str(queries), "--top", str(top)]
-    argv.append("--no-probe")
+    argv += ["--no-probe", "--repeats", "3"]
     return run_children([argv], threads)[0]
 
 
@@ -208,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-probe",
         dest="probe",
         action="store_false",
-        help="time the scan alone: no memory probe (gc + malloc_trim) after each file",
+        help="time the scan alone: no memory probe (gc + malloc_trim) after each file; "
+        "--repeats rounds of a memory copy then the scan",
     )
+    query.add_argument("--repeats", type=int, default=3)
     for p in (feat, query):
         p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
