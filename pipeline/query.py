@@ -223,35 +223,32 @@ def score_shard(
     return pa.concat_tables(best_candidates(pa.concat_tables(parts), x.shape[0], top_k))
 
 
-def _floor_scores(floor: pa.Table, num_queries: int, top_k: int) -> np.ndarray:
-    """The k-th score of each query in a running top-k (rows grouped by query in rank order),
-    -inf where it holds fewer than top_k rows: (q,) float64."""
-    query = np.asarray(floor.column("query"), np.int64)
-    score = np.asarray(floor.column("score"), np.float64)
-    counts = np.bincount(query, minlength=num_queries)
-    kth = np.full(num_queries, -np.inf)
-    last = np.cumsum(counts) - 1  # the last row of each query's group
-    full = counts >= top_k
-    kth[full] = score[last[full]]
-    return kth
+@dataclass(frozen=True)
+class Floor:
+    """The k-th row of each query in a running top-k: its score (q,) float64, -inf where the
+    top-k holds fewer than k rows, and its gid (q,). A row enters only if it ranks above."""
 
+    score: np.ndarray
+    gid: np.ndarray
 
-def _above_floor(
-    floor: pa.Table, query: np.ndarray, score: np.ndarray, gid: np.ndarray, top_k: int
-) -> np.ndarray:
-    """Which candidates (query, score, gid) (c,) rank above their query's k-th row in `floor`
-    (a running top-k, rows grouped by query in rank order): the others cannot enter it."""
-    fq = np.asarray(floor.column("query"), np.int64)
-    fs = np.asarray(floor.column("score"), np.float64)
-    fg = np.asarray(floor.column("gid"), np.int64)
-    keep = np.ones(query.shape, bool)
-    for j in np.unique(query):
-        rows = np.flatnonzero(fq == j)
-        if rows.size < top_k:
-            continue
-        last, mine = rows[-1], query == j
-        keep[mine] = (score[mine] > fs[last]) | ((score[mine] == fs[last]) & (gid[mine] < fg[last]))
-    return keep
+    @classmethod
+    def of(cls, running: pa.Table, num_queries: int, top_k: int) -> Floor:
+        """From a running top-k table (rows grouped by query in rank order)."""
+        query = np.asarray(running.column("query"), np.int64)
+        counts = np.bincount(query, minlength=num_queries)  # (q,)
+        last = np.cumsum(counts) - 1  # the last row of each query's group
+        full = counts >= top_k
+        score = np.full(num_queries, -np.inf)
+        gid = np.zeros(num_queries, np.int64)
+        score[full] = np.asarray(running.column("score"), np.float64)[last[full]]
+        gid[full] = np.asarray(running.column("gid"), np.int64)[last[full]]
+        return cls(score, gid)
+
+    def admits(self, query: np.ndarray, score: np.ndarray, gid: np.ndarray) -> np.ndarray:
+        """Candidates (query, score, gid) (c,) -> (c,) bool: ranks above its query's k-th row
+        (descending score, ties by ascending gid)."""
+        kth, kth_gid = self.score[query], self.gid[query]
+        return (score > kth) | ((score == kth) & (gid < kth_gid))
 
 
 def score_file(
@@ -260,13 +257,14 @@ def score_file(
     x: np.ndarray,
     top_k: int,
     shard_index: dict[str, int],
-    floor: pa.Table | None = None,
+    floor: Floor | None = None,
 ) -> pa.Table:
     """One feature file's bytes and x (q, k) -> its top-k rows per query (query, gid, score + the
-    hit columns), less those that cannot enter `floor` (the running top-k of files scored
-    before). The features are read in place from the Parquet pages (`pipeline.pages`) and all
-    the file's rows screened at once (`ctrak.screen.exact_topk`); the hit columns are decoded
-    only when a row survives; only `shard` and `row` (the ids) are decoded for every file.
+    hit columns), less those that cannot enter the running top-k of the files scored before
+    (`floor`, its k-th rows). The features are read in place from the Parquet pages
+    (`pipeline.pages`) and all the file's rows screened at once (`ctrak.screen.exact_topk`);
+    the hit columns are decoded only when a row survives; only `shard` and `row` (the ids) are
+    decoded for every file.
     Other layouts (older stores) decode through Arrow in blocks of SCAN_ROWS rows
     (`score_shard`)."""
     parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=DICTIONARY_COLUMNS)
@@ -282,14 +280,14 @@ def score_file(
         # torch needs its values aligned: a page that is not (an older writer) is copied
         blocks = [torch.from_numpy(p if p.flags.aligned else p.copy()) for p in pages]
         norms = torch.from_numpy(np.concatenate(norms))  # (n,) float32, a copy
-    kth = None if floor is None else torch.from_numpy(_floor_scores(floor, x.shape[0], top_k))
+    kth = None if floor is None else torch.from_numpy(floor.score)
     ids = torch.from_numpy(gid)
     best = exact_topk(blocks, torch.from_numpy(x), top_k, ids, norms, floor=kth)
     q, m = best.indices.shape
     local = best.indices.reshape(-1).numpy()  # (q * m,) rows of the file
     query, score = np.repeat(np.arange(q), m), best.values.reshape(-1).numpy()
     if floor is not None:
-        keep = _above_floor(floor, query, score, gid[local], top_k)
+        keep = floor.admits(query, score, gid[local])
         local, query, score = local[keep], query[keep], score[keep]
     if local.size == 0:
         return _EMPTY_HITS
@@ -336,14 +334,15 @@ def score_files(
 ) -> pa.Table:
     """Feature files' bytes, one after another -> the top-k rows per query over all of them
     (`score_file` each against the running top-k, merged as it goes; exact)."""
-    running = None
+    running, floor = None, None
     for data in files:
-        part = score_file(data, x=x, top_k=top_k, shard_index=shard_index, floor=running)
+        part = score_file(data, x=x, top_k=top_k, shard_index=shard_index, floor=floor)
         del data  # the source may free the bytes before it reads the next file
         if running is not None and part.num_rows == 0:
             continue  # nothing of this file enters the running top-k
         both = part if running is None else pa.concat_tables([running, part])
         running = pa.concat_tables(best_candidates(both, x.shape[0], top_k))
+        floor = Floor.of(running, x.shape[0], top_k)
     if running is None:
         raise ConfigError("score_files needs at least one feature file")
     return running

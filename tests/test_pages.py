@@ -16,7 +16,7 @@ import torch
 from ctrak.kernel import scores
 from ctrak.topk import topk
 from pipeline.pages import column_views
-from pipeline.query import gather, score_file, score_files
+from pipeline.query import Floor, gather, score_file, score_files
 from pipeline.store import ALIGN, PAD_COLUMN, feature_table, parquet_bytes, table_features
 
 
@@ -156,5 +156,5 @@ def test_a_file_below_the_floor_decodes_no_hits():
     first = score_file(files[0], x=x, top_k=5, shard_index=index)
     assert first.num_rows == 5 and first.column("shard").to_pylist() == ["00000"] * 5
     high = first.set_column(2, "score", pa.array(first.column("score").to_numpy() + 1e6))
-    nothing = score_file(files[1], x=x, top_k=5, shard_index=index, floor=high)
+    nothing = score_file(files[1], x=x, top_k=5, shard_index=index, floor=Floor.of(high, 1, 5))
     assert nothing.num_rows == 0 and nothing.schema == first.schema
