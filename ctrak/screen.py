@@ -151,6 +151,11 @@ def _take_rows(blocks: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     return torch.stack(picked) if picked else blocks[0][:0]
 
 
+def _no_rows(q: int) -> TopK:
+    """The empty top-k of q queries: values (q, 0) float64, indices (q, 0) int64."""
+    return TopK(torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64))
+
+
 def _is_half(blocks: list[torch.Tensor], x: torch.Tensor) -> bool:
     """Whether `screen` takes the float16 path for these inputs."""
     return (
@@ -193,7 +198,7 @@ def exact_topk(
     q, n = x.shape[0], sum(b.shape[0] for b in blocks)
     m = min(k, n)
     if m == 0:
-        return TopK(torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64))
+        return _no_rows(q)
     if norms is None:
         norms = torch.cat([torch.linalg.vector_norm(b.to(torch.float64), dim=1) for b in blocks])
     x = x.to(torch.float64)
@@ -204,9 +209,7 @@ def exact_topk(
         if floor is not None:  # s32 < c floor - E: below the floor; often the whole block is
             cut = floor.to(torch.float64)[:, None] * scale - eps  # (q, 1)
             if bool((s32.max(1, keepdim=True).values < cut).all()):
-                return TopK(
-                    torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64)
-                )
+                return _no_rows(q)
         # 2. keep the rows within 2 E of the m-th largest screened score (a float64 threshold:
         #    s32 >= t holds exactly when s32 >= t rounded up to float32)
         t = torch.topk(s32, m, dim=1).values[:, -1:].to(torch.float64)  # (q, 1)
@@ -217,7 +220,7 @@ def exact_topk(
     else:  # overflow, NaN or a reduced-precision matmul (E = inf): every row in float64
         keep = torch.arange(n)
     if keep.numel() == 0:
-        return TopK(torch.empty(q, 0, dtype=torch.float64), torch.empty(q, 0, dtype=torch.int64))
+        return _no_rows(q)
     # 3. rescore the kept rows in float64 (float16 -> float32 is exact and fast); the exact
     #    top-m by (score desc, id asc), ids replaced by their ranks among the kept rows
     s64 = scores(_take_rows(blocks, keep).to(torch.float32), x)  # (q, c) float64

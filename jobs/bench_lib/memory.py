@@ -171,9 +171,9 @@ def _timed_scans(args: argparse.Namespace, x) -> dict:
 
     from jobs.bench_lib.scan import copy_bandwidth, product_scan
 
+    feature_bytes = sum(_rows(f) for f in args.files) * args.k * 2
     rounds = []
     for _ in range(args.repeats):
-        feature_bytes = sum(_rows(f) for f in args.files) * args.k * 2
         copy = copy_bandwidth(feature_bytes)["median"]
         begin = time.perf_counter()
         _, rows, loading = product_scan(args.files, x, args.top)
