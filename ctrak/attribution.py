@@ -218,24 +218,18 @@ class Attributor:
                 raise ConfigError("local scope needs a query image; pass image=... or scope=global")
             x0 = self.model.images_to_x0(query.image)
         cond = self.model.encode_prompts([query.prompt])
-        if q.scope == "global":
-            keep = cfg.gradient.timesteps if cfg.gradient.resolved_state == "inverted" else ()
-            x0, trajectory = sample(
+        if q.scope == "global":  # draws from the model; their x_t as the training side's
+            x0, _ = sample(
                 self.model,
                 [query.prompt] * q.num_draws,
                 seed=q.seed,
                 num_steps=q.sample_steps,
                 guidance=q.sample_guidance,
-                keep=keep,
             )
         B = x0.shape[0]
         cond = cond.expand(B, -1, -1)
         negative = self.model.encode_prompts([negative_text], allow_empty=True).expand(B, -1, -1)
-        if q.scope == "global" and cfg.gradient.resolved_state == "inverted":
-            abar = self.model.alphas_cumprod
-            states = {t: (x, _implied_noise(x, x0, float(abar[t]))) for t, x in trajectory.items()}
-        else:
-            states = self.states(x0, cond)
+        states = self.states(x0, cond)
         if cfg.utility == "concept":
             loss = UTILITY_LOSSES["concept"]
         else:

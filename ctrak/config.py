@@ -119,7 +119,9 @@ class QueryConfig:
     """Query side. `utility="concept"` is the concept-slider / CFG utility (Concept-TRAK);
     `"same"` is the whole-image query of the baselines (their own training loss on the query).
     Global scope samples `num_draws` images under the prompt with CFG weight `sample_guidance`
-    over `sample_steps` DDIM steps, normalises each draw's gradient and averages."""
+    over `sample_steps` DDIM steps, takes each draw's x_t by the training side's DDIM inversion
+    (so query and training states come from one map), normalises each draw's gradient and
+    averages."""
 
     scope: Scope = "local"
     utility: Literal["concept", "same"] | None = None

@@ -1,8 +1,9 @@
 """Sampling images from the model under a prompt (DDIM, eta = 0, classifier-free guidance).
 
-Used by `ctrak generate`, by global-scope queries (x_t drawn from the model's own trajectory)
-and by the benchmark's generated query images. Initial noise comes from a derived seed per
-draw, so draw i is the same image whatever the batch it is drawn in.
+Used by `ctrak generate`, by global-scope queries (the model's own draws, whose x_t are then
+taken by DDIM inversion like the training side's) and by the benchmark's generated query
+images. Initial noise comes from a derived seed per draw, so draw i is the same image whatever
+the batch it is drawn in.
 """
 
 from __future__ import annotations

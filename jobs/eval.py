@@ -27,7 +27,13 @@ def register(subparsers) -> None:
         "cost: inversion steps / guidance / number of timesteps; reference: the default path "
         "vs the benchmark's naive reference",
     )
-    parser.add_argument("--num-train", type=int, default=240, help="training rows attributed")
+    parser.add_argument(
+        "--num-train",
+        type=int,
+        default=None,
+        help="attribute the first N training rows (default: the model's whole training set, "
+        "as the paper does; fewer rows leave fewer relevant candidates and a noisier kernel)",
+    )
     parser.add_argument("--per-combo", type=int, default=4, help="query images per combination")
     parser.add_argument("--scopes", default="local,global")
     parser.add_argument("--global-draws", type=int, default=8)

@@ -22,6 +22,7 @@ import torch
 
 from ctrak.attribution import Attributor, Query
 from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, QueryConfig
+from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
 from pipeline.synthetic import classify, generate_world, read_samples, world_combos
@@ -97,10 +98,17 @@ def reference_variants() -> list[Variant]:
     ]
 
 
-def training_set(model_dir: Path, work: Path, num_train: int):
-    """The model's own training world (from its data_spec.json), first `num_train` rows:
-    (images (N, 3, H, W) in [-1, 1], captions, labels, spec)."""
+def training_set(model_dir: Path, work: Path, num_train: int | None = None):
+    """The model's own training world (from its data_spec.json), its first `num_train` rows
+    (None: all of them): (images (N, 3, H, W) in [-1, 1], captions, labels)."""
     spec = json.loads((Path(model_dir) / "data_spec.json").read_text())
+    if num_train is None:
+        num_train = spec["num_images"]
+    if not 0 < num_train <= spec["num_images"]:
+        raise ConfigError(
+            f"num_train={num_train}: the model's training set ({model_dir}/data_spec.json) "
+            f"holds {spec['num_images']} images; pass 1..{spec['num_images']} or leave it unset"
+        )
     data = work / f"data-{spec['world']}-{spec['image_size']}-{spec['num_images']}-{spec['seed']}"
     generate_world(
         spec["world"],
@@ -197,7 +205,7 @@ def evaluate(
     variants: Sequence[Variant],
     *,
     work: str | Path = "runs/eval",
-    num_train: int = 240,
+    num_train: int | None = None,
     per_combo: int = 4,
     scopes: Sequence[str] = ("local", "global"),
     global_draws: int = 8,
@@ -281,7 +289,7 @@ def evaluate(
         )
     return {
         "model": str(model_dir),
-        "num_train": num_train,
+        "num_train": len(captions),
         "per_combo": per_combo,
         "guidance": guidance,
         "top_k": top_k,

@@ -3,6 +3,8 @@ say, global scope runs, and bad queries raise named errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import random_images
@@ -10,6 +12,7 @@ from helpers import random_images
 from ctrak.attribution import Attributor, Query, resolve_negative
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig, QueryConfig
 from ctrak.errors import ConceptNotInPromptError, ConfigError, ImageShapeError, PromptError
+from ctrak.generation import sample
 from ctrak.losses import UTILITY_LOSSES, LossInputs
 
 CAPTIONS = ["a red triangle", "a blue circle", "a red circle", "a blue triangle"] * 2
@@ -107,6 +110,19 @@ def test_global_scope_and_latent_layout(latent_model64):
         [Query("a red triangle", concept="red")], features, attributor.fit(features), top_k=2
     )
     assert top.indices.shape == (1, 2)
+
+
+def test_global_scope_is_the_local_gradient_of_the_models_own_draws(pixel_model):
+    # global scope draws images under the prompt and takes x_t by the same DDIM inversion as
+    # the training side (not the sampler's trajectory): it equals a local query over the draws
+    query_cfg = QueryConfig(scope="global", num_draws=3, sample_steps=10, sample_guidance=2.0)
+    cfg = AttributionConfig(projection=ProjectionConfig(k=16), query=query_cfg)
+    ours = Attributor(pixel_model, cfg).query_gradient(Query("a red triangle", concept="red"))
+    x0, _ = sample(pixel_model, ["a red triangle"] * 3, seed=0, num_steps=10, guidance=2.0)
+    assert x0.abs().max() <= 1  # pixel x0 is clipped: it is a valid query image as it is
+    local = Attributor(pixel_model, replace(cfg, query=QueryConfig()))
+    expected = local.query_gradient(Query("a red triangle", concept="red", image=x0))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_resolve_negative():

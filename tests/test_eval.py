@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctrak.errors import ConfigError
 from jobs.demo import DEFAULT_MODEL
-from jobs.evaluation import evaluate, markdown_table, method_variants
+from jobs.evaluation import evaluate, markdown_table, method_variants, training_set
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,11 @@ def test_records_and_table_have_the_papers_layout(heldout_result):
     # Concept-TRAK: 9 inversion forwards + 9 gradient forwards; TRAK: 9 gradient forwards
     assert costs["concept-trak"]["forwards_per_sample"] == 18
     assert costs["trak"]["forwards_per_sample"] == 9
+
+
+@pytest.mark.parametrize("num_train", [0, 1201])
+def test_num_train_outside_the_training_set_is_refused(tmp_path, num_train):
+    # toy-paper was trained on 1,200 images: 1201 cannot be attributed, and is not truncated
+    with pytest.raises(ConfigError, match="holds 1200 images"):
+        training_set(DEFAULT_MODEL, tmp_path, num_train)
+    assert not any(tmp_path.iterdir())  # refused before any data was written
