@@ -208,7 +208,7 @@ def evaluate(
     num_train: int | None = None,
     per_combo: int = 4,
     scopes: Sequence[str] = ("local", "global"),
-    global_draws: int = 8,
+    global_draws: int = 32,
     guidance: float = 1.0,
     query_seed: int = 1000,
     combos: Sequence[str] | None = None,
