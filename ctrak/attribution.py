@@ -219,7 +219,7 @@ class Attributor:
             x0 = self.model.images_to_x0(query.image)
         cond = self.model.encode_prompts([query.prompt])
         if q.scope == "global":  # draws from the model; their x_t as the training side's
-            x0, _ = sample(
+            x0 = sample(
                 self.model,
                 [query.prompt] * q.num_draws,
                 seed=q.seed,

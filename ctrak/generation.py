@@ -34,9 +34,8 @@ def sample(
     first_draw: int = 0,
     num_steps: int = 50,
     guidance: float = 3.0,
-    keep: Sequence[int] = (),
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """prompts (B,) -> (x0 (B, C, h, w), {t: x_t (B, C, h, w)} for t in keep), float32.
+) -> torch.Tensor:
+    """prompts (B,) -> x0 (B, C, h, w) float32.
 
     Draw b uses initial noise `first_draw + b`; x0 is in model space (latent or pixel). The
     DDIM arithmetic runs in float64: at abar ~ 0 (the first steps of a pixel schedule) the
@@ -45,10 +44,8 @@ def sample(
     uncond = model.null_condition(len(prompts))
     x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts))).double()
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
-    x0, states = ddim_sample(
-        eps_fn, x_T, model.alphas_cumprod, num_steps, keep, clip_x0=model.clip_x0
-    )
-    return x0.float(), {t: x.float() for t, x in states.items()}
+    x0, _ = ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, (), clip_x0=model.clip_x0)
+    return x0.float()
 
 
 def generate_images(
@@ -60,5 +57,5 @@ def generate_images(
     guidance: float = 3.0,
 ) -> torch.Tensor:
     """prompts (B,) -> images (B, 3, H, W) in [-1, 1]."""
-    x0, _ = sample(model, prompts, seed=seed, num_steps=num_steps, guidance=guidance)
+    x0 = sample(model, prompts, seed=seed, num_steps=num_steps, guidance=guidance)
     return model.x0_to_images(x0)

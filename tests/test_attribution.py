@@ -118,7 +118,7 @@ def test_global_scope_is_the_local_gradient_of_the_models_own_draws(pixel_model)
     query_cfg = QueryConfig(scope="global", num_draws=3, sample_steps=10, sample_guidance=2.0)
     cfg = AttributionConfig(projection=ProjectionConfig(k=16), query=query_cfg)
     ours = Attributor(pixel_model, cfg).query_gradient(Query("a red triangle", concept="red"))
-    x0, _ = sample(pixel_model, ["a red triangle"] * 3, seed=0, num_steps=10, guidance=2.0)
+    x0 = sample(pixel_model, ["a red triangle"] * 3, seed=0, num_steps=10, guidance=2.0)
     assert x0.abs().max() <= 1  # pixel x0 is clipped: it is a valid query image as it is
     local = Attributor(pixel_model, replace(cfg, query=QueryConfig()))
     expected = local.query_gradient(Query("a red triangle", concept="red", image=x0))
