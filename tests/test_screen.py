@@ -52,8 +52,10 @@ def test_near_ties_that_float32_reorders_rank_as_in_float64():
     assert torch.equal(got.indices, _reference(phi, x, k, torch.arange(n))[0])
 
 
-def test_error_bound_holds_on_adversarial_sums():
-    """Cancelling sums of large terms: |float32 - float64| stays under E."""
+@pytest.mark.parametrize("native", [True, False])
+def test_error_bound_holds_on_adversarial_sums(native):
+    """Cancelling sums of large terms: |float32 - float64| stays under E, on the fused kernel
+    (ctrak.native) and on torch's convert-then-matmul path."""
     gen = torch.Generator().manual_seed(5)
     phi = (torch.randn(400, 512, generator=gen) * 300).half()
     x = torch.randn(6, 512, generator=gen, dtype=torch.float64)
@@ -61,7 +63,7 @@ def test_error_bound_holds_on_adversarial_sums():
     x32 = x.float()
     exact = scores(phi, x32.double())  # the float32 inputs, summed in float64
     eps = error_bound(x32, float(phi.double().norm(dim=1).max()))  # (q, 1)
-    assert torch.all((screen_scores(phi, x32).double() - exact).abs() <= eps)
+    assert torch.all((screen_scores(phi, x32, native=native).double() - exact).abs() <= eps)
 
 
 def test_overflow_and_reduced_precision_fall_back_to_float64():

@@ -87,6 +87,8 @@ def environment(threads: int) -> dict[str, object]:
     import pyarrow
     import torch
 
+    from ctrak import native
+
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "python": platform.python_version(),
@@ -99,4 +101,5 @@ def environment(threads: int) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "platform": platform.platform(),
+        "native_screen": asdict(native.status()),
     }

@@ -13,8 +13,9 @@ for rows that enter the running top-k) -> `gather`. Its top-k is checked against
 top-k of the first file.
 
 Arithmetic ceiling: `ctrak.screen.screen` alone (one query: float16 matrix-vector; several:
-float16 -> float32 in cache, x Phi^T in float32) over float16 rows already in memory, no
-decode: the scan cannot beat it.
+the fused float16 -> float32 FMA kernel of `ctrak.native`, or where it is not built float16 ->
+float32 in cache and x Phi^T in float32) over float16 rows already in memory, no decode: the
+scan cannot beat it.
 Copy bandwidth: `np.copyto` of one buffer, repeated to the store's feature bytes; the median
 of the copies is the reference. All of it single-threaded (torch threads = bench --threads,
 Arrow decodes in the calling thread).

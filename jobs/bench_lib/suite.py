@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrak import native
 from jobs.bench_lib import memory, models, quality, scan, speed
 from jobs.bench_lib.report import Row
 
@@ -183,7 +184,13 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
     target) and the screen's arithmetic ceiling's ratio (q queries cost 2 q k FLOP per row;
     against the main process's copy)."""
     label = f"{q} quer{'y' if q == 1 else 'ies'}"
-    path = "float16 matrix-vector" if q == 1 else "float16 -> float32 in cache, float32 matmul"
+    if q == 1:
+        path = "float16 matrix-vector"
+    elif native.status().available:
+        path = "fused float16 -> float32 FMA kernel, ctrak.native"
+    else:
+        reason = native.status().reason
+        path = f"float16 -> float32 in cache, float32 matmul (no native kernel: {reason})"
     return [
         Row("query", f"scan rows/s, {label}", run["rows_per_s"], "rows/s"),
         Row(
