@@ -5,11 +5,12 @@ computes what `ctrak.screen.screen_scores` computes (float32 products of float32
 exactly converted float16 rows, float32 sums in another order, which the screen's error bound
 covers), reading each stored row once instead of converting blocks and calling a matmul.
 
-The shared library is cached per source and compiler under $CTRAK_NATIVE_CACHE (default
+The shared library is cached per source and machine type under $CTRAK_NATIVE_CACHE (default
 ~/.cache/ctrak/native) and written by an atomic rename, so concurrent workers may build it at
-once. Everything degrades to torch's path: no compiler, a failed build, a CPU without
-AVX2/FMA/F16C, or CTRAK_NATIVE=0 in the environment (to compare or to rule the kernel out).
-`status()` says which and why.
+once; an image can build it ahead (`python -m ctrak.native`) and run without a compiler.
+Everything degrades to torch's path: no compiler, a failed build, a CPU without AVX2/FMA/F16C,
+or CTRAK_NATIVE=0 in the environment (to compare or to rule the kernel out). `status()` says
+which and why.
 """
 
 from __future__ import annotations
@@ -48,16 +49,14 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE into the cache (once per source, compiler and machine); -> the library."""
-    source = SOURCE.read_bytes()
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout
-    key = hashlib.sha256(source + version.encode() + platform.machine().encode()).hexdigest()[:16]
-    library = _cache_dir() / f"screen16-{key}.so"
-    if library.is_file():
-        return library
+def _library() -> Path:
+    """Where the library built from this SOURCE for this machine lives (built or not)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode()).hexdigest()[:16]
+    return _cache_dir() / f"screen16-{key}.so"
+
+
+def _build(compiler: str, library: Path) -> None:
+    """Compile SOURCE into `library` (a temporary file, then an atomic rename)."""
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
@@ -70,18 +69,20 @@ def _build(compiler: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return library
 
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
     if os.environ.get("CTRAK_NATIVE", "1") == "0":
         return None, NativeStatus(False, "disabled by CTRAK_NATIVE=0")
-    compiler = _compiler()
-    if compiler is None:
-        return None, NativeStatus(False, "no C compiler (set CC or install gcc/clang)")
+    library, how = _library(), "prebuilt"
     try:
-        library = _build(compiler)
+        if not library.is_file():
+            compiler = _compiler()
+            if compiler is None:
+                return None, NativeStatus(False, "no C compiler (set CC or install gcc/clang)")
+            _build(compiler, library)
+            how = "built with " + compiler
         lib = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as exc:
         return None, NativeStatus(False, f"build failed: {exc}")
@@ -90,7 +91,7 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ctrak_screen16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64]
     lib.ctrak_screen16.restype = None
-    return lib, NativeStatus(True, "built with " + compiler, str(library))
+    return lib, NativeStatus(True, how, str(library))
 
 
 def status() -> NativeStatus:
@@ -122,3 +123,7 @@ def screen16(phi: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
     if n and q:
         lib.ctrak_screen16(phi.data_ptr(), n, k, x.data_ptr(), q, out.data_ptr(), out.stride(0))
     return True
+
+
+if __name__ == "__main__":  # build (or find) the kernel now, e.g. in a container image
+    print(status())

@@ -102,3 +102,22 @@ def test_a_failing_build_and_the_switch_fall_back(monkeypatch, tmp_path):
         assert native.status().reason == "disabled by CTRAK_NATIVE=0"
     finally:
         native._load.cache_clear()
+
+
+def test_a_prebuilt_library_runs_without_a_compiler(monkeypatch, tmp_path):
+    """An image builds the kernel ahead (`python -m ctrak.native`); its workers need no
+    compiler to load it."""
+    monkeypatch.setenv("CTRAK_NATIVE_CACHE", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    try:
+        assert native.status().reason.startswith("built with")
+        native._load.cache_clear()
+        monkeypatch.setattr(native.shutil, "which", lambda name: None)
+        status = native.status()
+        assert status.available and status.reason == "prebuilt"
+        assert status.library.startswith(str(tmp_path / "cache"))
+        phi, x, out = torch.randn(20, 16).half(), torch.randn(2, 16), torch.empty(2, 20)
+        assert native.screen16(phi, x, out)
+        torch.testing.assert_close(out, x @ phi.float().T)
+    finally:
+        native._load.cache_clear()
