@@ -44,7 +44,7 @@ def sample(
     uncond = model.null_condition(len(prompts))
     x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts))).double()
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
-    x0, _ = ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, (), clip_x0=model.clip_x0)
+    x0, _ = ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, clip_x0=model.clip_x0)
     return x0.float()
 
 

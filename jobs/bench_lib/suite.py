@@ -184,13 +184,13 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
     target) and the screen's arithmetic ceiling's ratio (q queries cost 2 q k FLOP per row;
     against the main process's copy)."""
     label = f"{q} quer{'y' if q == 1 else 'ies'}"
+    kernel = native.status()
     if q == 1:
         path = "float16 matrix-vector"
-    elif native.status().available:
+    elif kernel.available:
         path = "fused float16 -> float32 FMA kernel, ctrak.native"
     else:
-        reason = native.status().reason
-        path = f"float16 -> float32 in cache, float32 matmul (no native kernel: {reason})"
+        path = f"float16 -> float32 in cache, float32 matmul (no native kernel: {kernel.reason})"
     return [
         Row("query", f"scan rows/s, {label}", run["rows_per_s"], "rows/s"),
         Row(
