@@ -87,7 +87,7 @@ class Attributor:
         p = self.config.projection
         if p.path == "factored":
             self.projector = FactoredProjector(
-                model.unet, self.params, p.k, p.seed, p.kind, p.k_side
+                model.unet, self.params, p.k, p.seed, p.kind, p.k_side, p.dense_below
             )
         else:
             layout = [(name, t.numel()) for name, t in self.params.items()]

@@ -56,7 +56,8 @@ class ProjectionConfig:
 
     path="factored" (default) projects each layer's gradient through k_side x k_side factors
     from its inputs and output-gradients, never forming per-sample gradients, then maps the
-    concatenation to k (ctrak.factored). path="exact" forms full per-sample gradients with
+    concatenation to k (ctrak.factored); layers with at most `dense_below` parameters skip
+    the factors and enter that map whole. path="exact" forms full per-sample gradients with
     torch.func and applies a dense JL projection (the reference)."""
 
     k: int = 1024
@@ -64,6 +65,7 @@ class ProjectionConfig:
     kind: ProjectionKind = "rademacher"
     path: Literal["factored", "exact"] = "factored"
     k_side: int = 16
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -72,6 +74,11 @@ class ProjectionConfig:
         _check_choice("projection path", self.path, ("factored", "exact"))
         if not isinstance(self.k_side, int) or self.k_side <= 0:
             raise ConfigError(f"projection k_side={self.k_side!r} must be a positive integer")
+        if not isinstance(self.dense_below, int) or self.dense_below < 0:
+            raise ConfigError(
+                f"projection dense_below={self.dense_below!r} must be an integer >= 0 "
+                "(layers with at most this many parameters skip their factors; 0: none)"
+            )
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class AttributionConfig:
     def provenance(self) -> dict[str, object]:
         """The settings a stored feature depends on (query settings excluded)."""
         g, inv, p = self.gradient, self.inversion, self.projection
+        dense = p.path == "factored" and p.dense_below > 0
         return {
             "method": g.method,
             "timesteps": list(g.timesteps),
@@ -177,4 +185,6 @@ class AttributionConfig:
             "projection_kind": p.kind,
             "projection_path": p.path,
             "projection_k_side": p.k_side if p.path == "factored" else None,
+            # only when set: stores and caches written before the option stay valid
+            **({"projection_dense_below": p.dense_below} if dense else {}),
         }

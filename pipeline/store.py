@@ -82,6 +82,7 @@ SETTING = {
     "projection_kind": "attribution.projection.kind",
     "projection_path": "attribution.projection.path",
     "projection_k_side": "attribution.projection.k_side",
+    "projection_dense_below": "attribution.projection.dense_below",
     "param_layout": "job.model / attribution.gradient.params",
     "num_params": "job.model / attribution.gradient.params",
     "code_version": "the installed ctrak version",

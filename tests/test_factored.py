@@ -35,7 +35,7 @@ def _reference(projector, params, exact):
         own = [n for n in params if n.rsplit(".", 1)[0] == layer.name]
         if layer.kind == "norm":
             g = torch.cat([pieces[n] for n in own], dim=1)
-            out.append(g @ projector.factors[layer.name][0].double())
+            out.append(g if layer.dense else g @ projector.factors[layer.name][0].double())
             continue
         weight = pieces[f"{layer.name}.weight"].reshape(B, layer.d_out, -1)
         bias = pieces.get(f"{layer.name}.bias")
@@ -67,6 +67,62 @@ def test_factored_equals_projected_exact_gradients(
     )
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["concept-trak", "utility"])
+@pytest.mark.parametrize(("layout", "filters"), CASES)
+def test_dense_layers_enter_whole(loss, layout, filters, pixel_model64, latent_model64):
+    """dense_below at the median layer size: the small layers' slices of the output are their
+    exact per-sample gradients, the others stay factored; the norms stay exact."""
+    model = pixel_model64 if layout == "pixel" else latent_model64
+    params = model.attributed_parameters(filters)
+    sizes = sorted(
+        layer.d_out * layer.d_in for layer in FactoredProjector(model.unet, params, 8).layers
+    )
+    cut = sizes[len(sizes) // 2]
+    projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4, dense_below=cut)
+    dense = {layer.name for layer in projector.layers if layer.dense}
+    assert dense == {layer.name for layer in projector.layers if layer.d_out * layer.d_in <= cut}
+    assert 0 < len(dense) < len(projector.layers)
+    assert dense.isdisjoint(projector.factors)
+    inp = _inputs(model)
+    term = (UTILITY_LOSSES["concept"] if loss == "utility" else TRAINING_LOSSES[loss])(inp)
+    fast, sq = factored_grads(
+        model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
+    )
+    exact = per_sample_grads(
+        model.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target
+    )
+    assert fast.shape[1] == sum(layer.dim for layer in projector.layers) == projector.dim
+    torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+
+
+def test_every_layer_dense_is_the_dense_jl_of_exact_gradients(pixel_model64):
+    """dense_below >= every layer: no factors, M = D, and the layer vector is the exact
+    gradient regrouped per layer, so the features are its dense JL projection."""
+    params = pixel_model64.attributed_parameters(("down_blocks.1",))
+    projector = FactoredProjector(pixel_model64.unet, params, k=32, seed=2, dense_below=10**9)
+    assert not projector.factors
+    assert projector.dim == sum(p.numel() for p in params.values())
+    inp = _inputs(pixel_model64)
+    term = TRAINING_LOSSES["trak"](inp)
+    fast, _ = factored_grads(
+        pixel_model64.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
+    )
+    exact = per_sample_grads(
+        pixel_model64.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target
+    )
+    torch.testing.assert_close(fast.pow(2).sum(1), exact.pow(2).sum(1), rtol=1e-8, atol=0)
+    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+
+
+def test_dense_below_is_validated_and_recorded():
+    with pytest.raises(ConfigError, match="dense_below=-1"):
+        ProjectionConfig(dense_below=-1)
+    assert "projection_dense_below" not in AttributionConfig().provenance()  # older stores
+    config = AttributionConfig(projection=ProjectionConfig(dense_below=4096))
+    assert config.provenance()["projection_dense_below"] == 4096
 
 
 def test_all_parameter_layers_are_covered(pixel_model64):
