@@ -53,6 +53,9 @@ def test_speed_numbers_are_sane_and_fe_counted_equals_analytic(bench, model):
 def test_quality_metrics_lie_in_their_ranges(bench):
     q = bench["toy"]["quality"]
     assert len(q["per_query"]) == 4
+    assert {"spearman_dense_small", "top10_overlap_dense_small", "p@10_dense_small"} <= set(
+        q["mean"]
+    )
     for name, value in q["mean"].items():
         low = -1.0 if name.startswith("spearman") else 0.0
         assert low - 1e-9 <= value <= 1.0 + 1e-9, name

@@ -11,6 +11,9 @@ against it, per query: Spearman correlation and top-10 overlap of
 
 - default: the factored projection to k (the features of the speed run);
 - dense JL: the same exact gradients through the dense JL projection to the same k;
+- dense small layers: the factored path with `ProjectionConfig(dense_below=DENSE_BELOW)`
+  (layers of at most that many parameters enter the global JL whole, not through k_side x
+  k_side factors; `ctrak.factored`);
 - naive: the reference settings (50-step CFG 7.5 inversion, dense JL to naive_k) - another
   gradient definition, so its agreement with `exact` is context, not retention.
 
@@ -40,6 +43,7 @@ QUERIES: tuple[tuple[str, str], ...] = (
     ("a blue circle", "circle"),
 )
 COLOURS = ("red", "blue", "green", "yellow")
+DENSE_BELOW = 4096  # the dense-small-layers path: layers of <= 4096 parameters enter whole
 
 
 class IdentityProjector:
@@ -161,6 +165,11 @@ def measure_quality(
     g_default = torch.stack([default.query_gradient(q) for q in queries])
     s_default = kernel_scores(default_features, g_default)
     clock["default_queries"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    small = Attributor(model, default_config(params, dense_below=DENSE_BELOW))
+    features = small.featurize(images, captions, batch_size=batch_size)
+    s_small = kernel_scores(features, torch.stack([small.query_gradient(q) for q in queries]))
+    clock["dense_small_layers"] = time.perf_counter() - begin
 
     # 2. exact: the same gradients unprojected; and their dense JL projection to the same k
     begin = time.perf_counter()
@@ -191,7 +200,13 @@ def measure_quality(
     clock["naive"] = time.perf_counter() - begin
     del G, g, both
 
-    paths = {"default": s_default, "dense_jl": s_dense, "naive": s_naive, "exact": s_exact}
+    paths = {
+        "default": s_default,
+        "dense_small": s_small,
+        "dense_jl": s_dense,
+        "naive": s_naive,
+        "exact": s_exact,
+    }
     per_query = []
     for i, (prompt, concept) in enumerate(QUERIES):
         key = "colour" if concept in COLOURS else "shape"
@@ -208,6 +223,7 @@ def measure_quality(
     return {
         "train_samples": int(images.shape[0]),
         "feature_dim_k": k,
+        "dense_below": DENSE_BELOW,
         "naive_k": naive_k,
         "query_images_per_prompt": query_count,
         "query_images_matching_prompt": matched,

@@ -39,9 +39,11 @@ from ctrak.projection import Projector
 REFERENCE_INVERSION = InversionConfig(num_steps=50, guidance=7.5)
 
 
-def default_config(params: tuple[str, ...]) -> AttributionConfig:
-    """The project's default path over `params`."""
-    return AttributionConfig(gradient=GradientConfig(params=params))
+def default_config(params: tuple[str, ...], **projection) -> AttributionConfig:
+    """The project's default path over `params` (`projection`: ProjectionConfig overrides)."""
+    return AttributionConfig(
+        gradient=GradientConfig(params=params), projection=ProjectionConfig(**projection)
+    )
 
 
 def naive_config(params: tuple[str, ...], k: int) -> AttributionConfig:

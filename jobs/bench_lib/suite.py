@@ -92,6 +92,13 @@ def quality_rows(q: dict, trained: bool) -> list[Row]:
     return [
         Row(section, "Spearman default vs exact", m["spearman_default"], note=note),
         Row(section, "top-10 overlap default vs exact", m["top10_overlap_default"]),
+        Row(
+            section,
+            "Spearman dense small layers vs exact",
+            m["spearman_dense_small"],
+            note=f"default with dense_below={q['dense_below']}: small layers skip the factors",
+        ),
+        Row(section, "top-10 overlap dense small layers vs exact", m["top10_overlap_dense_small"]),
         Row(section, "Spearman dense JL (same k) vs exact", m["spearman_dense_jl"]),
         Row(section, "top-10 overlap dense JL vs exact", m["top10_overlap_dense_jl"]),
         Row(
@@ -103,6 +110,7 @@ def quality_rows(q: dict, trained: bool) -> list[Row]:
         Row(section, "P@10 exact (unprojected)", m["p@10_exact"]),
         Row(section, "P@10 naive reference", m["p@10_naive"]),
         Row(section, "P@10 default", m["p@10_default"]),
+        Row(section, "P@10 dense small layers", m["p@10_dense_small"]),
         Row(
             section,
             "P@10 default - naive",
