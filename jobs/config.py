@@ -102,6 +102,18 @@ def build(cls: type, data: dict, prefix: str = "") -> object:
     return cls(**kwargs)
 
 
+def with_overrides(config: object, overrides: Sequence[str], prefix: str = "") -> object:
+    """A config dataclass with dotted `key=value` overrides applied (keys relative to it,
+    values TOML literals), rebuilt and checked like a config file: unknown keys and wrong
+    types raise a ConfigError naming the valid ones."""
+    if not overrides:
+        return config
+    data = dataclasses.asdict(config)
+    for item in overrides:
+        _set(data, *parse_override(item))
+    return build(type(config), data, prefix)
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
     """TOML file (optional) + overrides -> a validated PipelineConfig."""
     data: dict = {}

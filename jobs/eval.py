@@ -49,6 +49,21 @@ def register(subparsers) -> None:
         default=1.0,
         help="CFG weight for query images and global draws (toy-paper composes at 1)",
     )
+    parser.add_argument(
+        "--query-seed",
+        type=int,
+        default=1000,
+        help="seed of the local query images (the README's tables: 1000; settings were chosen "
+        "on 5000)",
+    )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override every variant's attribution setting (repeatable; keys under "
+        "attribution., values TOML literals), e.g. --set projection.k_side=8",
+    )
     parser.add_argument("--work", default="runs/eval", help="data and feature cache folder")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
@@ -56,7 +71,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jobs.config import with_overrides
     from jobs.evaluation import (
+        Variant,
         ablation_variants,
         cost_variants,
         evaluate,
@@ -71,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         "cost": cost_variants,
         "reference": reference_variants,
     }[args.variants]()
+    variants = [
+        Variant(v.name, with_overrides(v.config, args.set, "attribution.")) for v in variants
+    ]
     result = evaluate(
         args.model,
         variants,
@@ -80,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         scopes=args.scopes.split(","),
         global_draws=args.global_draws,
         guidance=args.guidance,
+        query_seed=args.query_seed,
     )
     table = markdown_table(result)
     print(table)

@@ -291,6 +291,7 @@ def evaluate(
         "model": str(model_dir),
         "num_train": len(captions),
         "per_combo": per_combo,
+        "query_seed": query_seed,
         "guidance": guidance,
         "top_k": top_k,
         "queries": {c: {k: v for k, v in q.items() if k != "images"} for c, q in queries.items()},

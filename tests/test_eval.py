@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError
+from jobs.cli import build_parser
+from jobs.config import UnknownConfigKeyError, with_overrides
 from jobs.demo import DEFAULT_MODEL
 from jobs.evaluation import evaluate, markdown_table, method_variants, training_set
 
@@ -55,6 +58,7 @@ def test_records_and_table_have_the_papers_layout(heldout_result):
     table = markdown_table(heldout_result)
     assert table.splitlines()[0].startswith("| method | local ID | local OOD |")
     assert "| a red triangle / triangle (OOD) | a red triangle / red (OOD) |" in table
+    assert heldout_result["query_seed"] == 1000  # the reported tables' seed, recorded
     costs = heldout_result["costs"]
     # Concept-TRAK: 9 inversion forwards + 9 gradient forwards; TRAK: 9 gradient forwards
     assert costs["concept-trak"]["forwards_per_sample"] == 18
@@ -67,3 +71,29 @@ def test_num_train_outside_the_training_set_is_refused(tmp_path, num_train):
     with pytest.raises(ConfigError, match="holds 1200 images"):
         training_set(DEFAULT_MODEL, tmp_path, num_train)
     assert not any(tmp_path.iterdir())  # refused before any data was written
+
+
+def test_eval_overrides_reach_every_variant_and_are_checked():
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--query-seed",
+            "5000",
+            "--set",
+            "projection.k_side=8",
+            "--set",
+            "damping_ratio=0.5",
+        ]
+    )
+    assert args.query_seed == 5000
+    base = AttributionConfig()
+    config = with_overrides(base, args.set, "attribution.")
+    assert (config.projection.k_side, config.damping_ratio) == (8, 0.5)
+    assert config.gradient == base.gradient and base.projection.k_side == 16  # base untouched
+    assert config.provenance()["projection_k_side"] == 8  # features are cached per setting
+    with pytest.raises(UnknownConfigKeyError, match=r"attribution.projection.ksid.*k_side"):
+        with_overrides(base, ["projection.ksid=8"], "attribution.")
+    with pytest.raises(ConfigError, match="must be a int"):
+        with_overrides(base, ["projection.k_side='8'"], "attribution.")
+    with pytest.raises(ConfigError, match="k_side=0 must be a positive integer"):
+        with_overrides(base, ["projection.k_side=0"], "attribution.")
