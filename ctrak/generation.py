@@ -34,14 +34,18 @@ def sample(
     first_draw: int = 0,
     num_steps: int = 50,
     guidance: float = 3.0,
+    negative: str = "",
 ) -> torch.Tensor:
     """prompts (B,) -> x0 (B, C, h, w) float32.
 
     Draw b uses initial noise `first_draw + b`; x0 is in model space (latent or pixel). The
     DDIM arithmetic runs in float64: at abar ~ 0 (the first steps of a pixel schedule) the
-    Tweedie estimate divides by sqrt(abar) ~ 5e-5 and float32 trajectories drift visibly."""
+    Tweedie estimate divides by sqrt(abar) ~ 5e-5 and float32 trajectories drift visibly.
+    Guidance runs against `negative` ("" = the null condition, plain CFG); with the prompt
+    minus one concept it follows that concept's slider eps(c) - eps(c-), the query direction
+    of Concept-TRAK, so `guidance` > 1 shows what the slider adds."""
     cond = model.encode_prompts(prompts)
-    uncond = model.null_condition(len(prompts))
+    uncond = model.encode_prompts([negative], allow_empty=True).expand(len(prompts), -1, -1)
     x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts))).double()
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
     x0, _ = ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, clip_x0=model.clip_x0)
@@ -55,7 +59,10 @@ def generate_images(
     seed: int = 0,
     num_steps: int = 50,
     guidance: float = 3.0,
+    negative: str = "",
 ) -> torch.Tensor:
-    """prompts (B,) -> images (B, 3, H, W) in [-1, 1]."""
-    x0 = sample(model, prompts, seed=seed, num_steps=num_steps, guidance=guidance)
+    """prompts (B,) -> images (B, 3, H, W) in [-1, 1] (see `sample`)."""
+    x0 = sample(
+        model, prompts, seed=seed, num_steps=num_steps, guidance=guidance, negative=negative
+    )
     return model.x0_to_images(x0)

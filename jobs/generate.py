@@ -24,6 +24,18 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--guidance", type=float, default=3.0, help="CFG weight (default 3)")
+    other = parser.add_mutually_exclusive_group()
+    other.add_argument(
+        "--negative",
+        default="",
+        help='guide against this prompt instead of the empty one (default "")',
+    )
+    other.add_argument(
+        "--concept",
+        help="guide along this concept's slider: against the prompt without it "
+        '("a red triangle" with --concept red guides against "a triangle"); with --guidance '
+        "above 1 the images show what Concept-TRAK's query direction adds",
+    )
     parser.add_argument("--out", default="generated", help="output folder for PNGs")
     parser.add_argument("--json", metavar="PATH", help="write a JSON summary here")
     parser.set_defaults(func=run)
@@ -36,6 +48,7 @@ def to_uint8(images) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctrak.attribution import resolve_negative
     from ctrak.errors import ConfigError
     from ctrak.generation import generate_images
     from ctrak.model import DiffusionModel
@@ -43,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ConfigError(f"--num {args.num} must be >= 1")
     start = time.perf_counter()
+    negative = args.negative
+    if args.concept is not None:
+        negative = resolve_negative(args.prompt, args.concept, None)
     model = DiffusionModel.load(args.model)
     images = generate_images(
         model,
@@ -50,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_steps=args.steps,
         guidance=args.guidance,
+        negative=negative,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         Image.fromarray(array).save(path)
         files.append(str(path))
     seconds = time.perf_counter() - start
-    print(f"wrote {len(files)} image(s) of {args.prompt!r} to {out}/ in {seconds:.1f}s")
+    against = f" against {negative!r}" if negative else ""
+    print(f"wrote {len(files)} image(s) of {args.prompt!r}{against} to {out}/ in {seconds:.1f}s")
     if args.json:
         summary = {
             "prompt": args.prompt,
@@ -67,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "steps": args.steps,
             "guidance": args.guidance,
+            "negative": negative,
             "files": files,
             "seconds": round(seconds, 3),
         }
