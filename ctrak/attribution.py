@@ -27,7 +27,7 @@ from ctrak.config import AttributionConfig
 from ctrak.errors import ConceptNotInPromptError, ConfigError, NumericsError, PromptError
 from ctrak.factored import FactoredProjector, factored_grads
 from ctrak.generation import sample
-from ctrak.gradients import normalize_rows, per_sample_grads
+from ctrak.gradients import masked_positions, normalize_rows, per_sample_grads
 from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
 from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve
 from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs, dps_loss
@@ -133,16 +133,18 @@ class Attributor:
         cond: torch.Tensor,
         loss: Callable,
         negative: torch.Tensor | None = None,
+        masks: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """sum over timesteps of (normalised) per-sample gradients and ok (B,): (B, D) full
-        gradients on the exact path, (B, M) layer projections on the factored path."""
+        gradients on the exact path, (B, M) layer projections on the factored path. `masks`:
+        per-layer position masks (see `factored_grads`)."""
         normalize = self.config.gradient.resolved_normalize
         total = torch.zeros(x0.shape[0], self.projector.dim, device=x0.device, dtype=x0.dtype)
         ok = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
         for t, (x_t, noise) in sorted(states.items()):
             abar_t = float(self.model.alphas_cumprod[t])
             inputs = LossInputs(self._eps, x_t, t, abar_t, cond, x0, noise, negative)
-            g, sq = self._timestep_gradient(loss, inputs)
+            g, sq = self._timestep_gradient(loss, inputs, masks)
             if normalize:
                 g, ok_t = normalize_rows(g, sq)
             else:
@@ -152,25 +154,50 @@ class Attributor:
         return total, ok
 
     def _timestep_gradient(
-        self, loss: Callable, inp: LossInputs
+        self, loss: Callable, inp: LossInputs, masks: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One timestep: (g (B, D) full gradients, None) on the exact path; (g (B, M) layer
         projections, exact ||g||^2 (B,)) on the factored path."""
         if not isinstance(self.projector, FactoredProjector):
             term = loss(inp)
-            g = per_sample_grads(
-                self._eps, self.params, term.objective, inp.x_t, inp.t, inp.cond, term.target
-            )
+            with masked_positions(self.model.unet, masks or {}):
+                g = per_sample_grads(
+                    self._eps, self.params, term.objective, inp.x_t, inp.t, inp.cond, term.target
+                )
             return g, None
         if loss is dps_loss:  # the DPS direction and the parameter gradient share one forward
             dps = (inp.x0, inp.abar_t)
             return factored_grads(
-                self._eps, self.projector, None, inp.x_t, inp.t, inp.cond, None, dps=dps
+                self._eps, self.projector, None, inp.x_t, inp.t, inp.cond, None, dps, masks
             )
         term = loss(inp)
         return factored_grads(
-            self._eps, self.projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
+            self._eps,
+            self.projector,
+            term.objective,
+            inp.x_t,
+            inp.t,
+            inp.cond,
+            term.target,
+            masks=masks,
         )
+
+    def concept_masks(self, query: Query) -> dict[str, torch.Tensor] | None:
+        """Position masks of `QueryConfig.concept_tokens`: the attributed text key/value
+        layers -> the concept's token positions; None when off or the concept is the prompt."""
+        if not self.config.query.concept_tokens or self.config.utility != "concept":
+            return None
+        if query.concept is None or query.concept.strip() == query.prompt.strip():
+            return None
+        layers = [name for name in self.model.text_layer_names() if f"{name}.weight" in self.params]
+        if not layers:
+            raise ConfigError(
+                "query.concept_tokens restricts the text key/value projections (cross-attention "
+                "to_k / to_v), but none is attributed; attribute them (params = ['attn2']) or "
+                "set concept_tokens = false"
+            )
+        mask = self.model.concept_token_mask(query.prompt, query.concept)
+        return dict.fromkeys(layers, mask)
 
     def featurize_batch(
         self, images: torch.Tensor, captions: Sequence[str]
@@ -234,7 +261,8 @@ class Attributor:
             loss = UTILITY_LOSSES["concept"]
         else:
             loss = TRAINING_LOSSES[cfg.gradient.method]
-        total, ok = self._summed_gradients(states, x0, cond, loss, negative)
+        masks = self.concept_masks(query)
+        total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
         if not ok.all():
             raise NumericsError("the query gradient is NaN/Inf or zero at some timestep")
         unit, ok = normalize_rows(total)

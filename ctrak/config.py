@@ -128,7 +128,14 @@ class QueryConfig:
     Global scope samples `num_draws` images under the prompt with CFG weight `sample_guidance`
     over `sample_steps` DDIM steps, takes each draw's x_t by the training side's DDIM inversion
     (so query and training states come from one map), normalises each draw's gradient and
-    averages."""
+    averages.
+
+    `concept_tokens=True` restricts the concept utility's gradient of the text key/value
+    projections (cross-attention to_k / to_v, the layers applied to the text condition) to
+    the positions of the concept's tokens: the forward is unchanged, but those layers'
+    parameter gradient sums only over the concept's tokens, not over the whole prompt's (the
+    colour word's keys and values in "a red triangle" carry none of "triangle"). It needs a
+    named concept; a query whose concept is the whole prompt is not restricted."""
 
     scope: Scope = "local"
     utility: Literal["concept", "same"] | None = None
@@ -136,6 +143,7 @@ class QueryConfig:
     sample_steps: int = 50
     sample_guidance: float = 3.0
     seed: int = 0
+    concept_tokens: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scope", self.scope, ("local", "global"))
@@ -145,6 +153,8 @@ class QueryConfig:
             raise ConfigError(f"num_draws={self.num_draws} must be >= 1")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps={self.sample_steps} must be >= 1")
+        if not isinstance(self.concept_tokens, bool):
+            raise ConfigError(f"concept_tokens={self.concept_tokens!r} must be true or false")
 
 
 @dataclass(frozen=True)

@@ -260,8 +260,12 @@ def factored_grads(
     cond: torch.Tensor,
     target: torch.Tensor | None,
     dps: tuple[torch.Tensor, float] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched forward + one backward -> (layer-projected grads (B, M), ||g||^2 (B,)).
+
+    `masks` maps a layer name to a (S,) 0/1 mask over its positions (e.g. the text tokens of
+    a key/value projection): that layer's gradient then sums only the marked positions.
 
     Samples are independent in the network (no batch statistics), so the gradient of the
     summed loss w.r.t. a layer output holds each sample's own delta. With dps=(x0, abar_t)
@@ -290,6 +294,8 @@ def factored_grads(
         if delta is None:  # the layer did not run, or does not reach the loss: zero gradient
             parts.append(torch.zeros(B, layer.dim, dtype=dtype, device=x_t.device))
             continue
+        if masks and layer.name in masks:
+            delta = delta * masks[layer.name].to(delta).reshape(1, -1, 1)
         proj, layer_sq = layer_projection(
             layer, projector.factors.get(layer.name), cap.inputs[layer.name], delta
         )

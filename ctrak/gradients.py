@@ -11,9 +11,11 @@ batch is B * D floats.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.func import grad, vmap
 
 from ctrak.losses import Objective
@@ -45,6 +47,28 @@ def per_sample_grads(
         grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))(detached, x_t, cond, target)
     B = x_t.shape[0]
     return torch.cat([upcast(grads[name].reshape(B, -1)) for name in params], dim=1)
+
+
+@contextmanager
+def masked_positions(unet: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: each named linear layer's output keeps its value, but its parameter gradient
+    flows only from the positions marked 1 in its (S,) mask (out = m * out + (1 - m) *
+    sg[out]) - the exact-path twin of `factored_grads(masks=...)`."""
+
+    def hook(mask: torch.Tensor) -> Callable:
+        def fn(module, args, output):
+            m = mask.to(output).reshape(-1, 1)
+            return m * output + (1 - m) * output.detach()
+
+        return fn
+
+    modules = dict(unet.named_modules())
+    handles = [modules[name].register_forward_hook(hook(mask)) for name, mask in masks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def normalize_rows(

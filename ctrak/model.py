@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ctrak.errors import ImageShapeError, ModelLoadError, PromptError
+from ctrak.errors import ConceptNotInPromptError, ImageShapeError, ModelLoadError, PromptError
 from ctrak.numerics import upcast
 
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
@@ -199,6 +199,35 @@ class DiffusionModel:
         )
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return hidden.to(self.dtype)
+
+    def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
+        """(L,) float32 mask of the conditioning positions that hold the concept's tokens:
+        1 where the prompt's tokens (as `encode_prompts` pads and truncates them) match the
+        concept's tokens as a contiguous run, 0 elsewhere (every occurrence is marked)."""
+        length = self.tokenizer.model_max_length
+        ids = self.tokenizer(
+            prompt, padding="max_length", max_length=length, truncation=True
+        ).input_ids
+        word = self.tokenizer(concept, add_special_tokens=False).input_ids
+        mask = torch.zeros(len(ids), dtype=torch.float32)
+        for start in range(len(ids) - len(word) + 1 if word else 0):
+            if ids[start : start + len(word)] == word:
+                mask[start : start + len(word)] = 1.0
+        if not mask.any():
+            raise ConceptNotInPromptError(
+                f"the tokens of concept {concept!r} do not occur in the tokens of prompt "
+                f"{prompt!r} (first {length} tokens); name the concept as the prompt spells it"
+            )
+        return mask.to(self.device)
+
+    def text_layer_names(self) -> list[str]:
+        """Names of the UNet's linear maps applied to the text condition: the key and value
+        projections of every cross-attention module (attn2.to_k / attn2.to_v in SD)."""
+        names = []
+        for name, module in self.unet.named_modules():
+            if getattr(module, "is_cross_attention", False):
+                names += [f"{name}.{part}" for part in ("to_k", "to_v") if hasattr(module, part)]
+        return names
 
     def null_condition(self, batch: int) -> torch.Tensor:
         """The empty-prompt condition repeated: (B, L, D)."""

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +296,7 @@ def evaluate(
         "top_k": top_k,
         "queries": {c: {k: v for k, v in q.items() if k != "images"} for c, q in queries.items()},
         "variants": {v.name: v.config.provenance() for v in variants},
+        "query_configs": {v.name: asdict(v.config.query) for v in variants},
         "costs": costs,
         "records": records,
     }

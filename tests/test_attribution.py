@@ -153,3 +153,37 @@ def test_bad_queries_are_named(pixel_model):
         ProjectionConfig(k=0)
     with pytest.raises(ConfigError, match="not on the 10-step"):
         Attributor(pixel_model, AttributionConfig(gradient=GradientConfig(timesteps=(100,))))
+
+
+def test_concept_tokens_restrict_only_a_named_concepts_text_layers(pixel_model):
+    """query.concept_tokens: masks for the attributed text key/value layers at the concept's
+    tokens; nothing when off, for the whole prompt, or for the baselines' query; a changed
+    query gradient; named errors when it cannot apply."""
+    on = AttributionConfig(
+        projection=ProjectionConfig(k=64), query=QueryConfig(concept_tokens=True)
+    )
+    attributor = Attributor(pixel_model, on)
+    masks = attributor.concept_masks(Query("a red triangle", concept="red triangle"))
+    assert sorted(masks) == sorted(pixel_model.text_layer_names())
+    assert all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in masks)
+    assert [m.tolist() for m in masks.values()] == [[0, 0, 1, 1, 0, 0, 0, 0]] * len(masks)
+    assert attributor.concept_masks(Query("a red triangle")) is None
+    assert attributor.concept_masks(Query("a red triangle", concept="a red triangle")) is None
+    off = Attributor(pixel_model, replace(on, query=QueryConfig()))
+    assert off.concept_masks(Query("a red triangle", concept="red")) is None
+    same = Attributor(
+        pixel_model, replace(on, query=QueryConfig(concept_tokens=True, utility="same"))
+    )
+    assert same.concept_masks(Query("a red triangle", concept="red")) is None
+
+    query = Query("a red triangle", concept="triangle", image=random_images(1, seed=3))
+    g_on, g_off = attributor.query_gradient(query), off.query_gradient(query)
+    assert torch.isfinite(g_on).all() and not torch.allclose(g_on, g_off, rtol=0.05)
+
+    no_text = replace(on, gradient=GradientConfig(params=("conv_in",)))
+    with pytest.raises(ConfigError, match="to_k / to_v"):
+        Attributor(pixel_model, no_text).concept_masks(query)
+    with pytest.raises(ConceptNotInPromptError, match="tokens of concept"):
+        pixel_model.concept_token_mask("a red triangle", "red circle")
+    with pytest.raises(ConfigError, match="true or false"):
+        QueryConfig(concept_tokens="yes")

@@ -10,7 +10,7 @@ from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.errors import ConfigError
 from ctrak.factored import FactoredProjector, factored_grads
-from ctrak.gradients import per_sample_grads
+from ctrak.gradients import masked_positions, per_sample_grads
 from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs
 
 
@@ -187,3 +187,37 @@ def test_fused_dps_forward_equals_separate_passes(latent_model64):
     )
     for a, b in zip(fused, separate, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["pixel", "latent"])
+def test_concept_token_masks_alike_on_both_paths(layout, pixel_model64, latent_model64):
+    """query.concept_tokens: the factored path masks the text layers' output-gradients, the
+    exact path detaches the unmarked positions' outputs; both give the same projected
+    gradient and norm, the text layers' marked and unmarked positions add up to their whole
+    gradient, and only the text key/value layers change."""
+    model = pixel_model64 if layout == "pixel" else latent_model64
+    params = model.attributed_parameters(("attn2",))
+    projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
+    inp = _inputs(model)
+    term = UTILITY_LOSSES["concept"](inp)
+    mask = model.concept_token_mask("a red triangle", "triangle")
+    assert mask.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]  # <bos> a red triangle <eos> <pad>...
+    masks = dict.fromkeys(model.text_layer_names(), mask)
+    args = (model.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target)
+    with masked_positions(model.unet, masks):
+        exact = per_sample_grads(*args)
+    with masked_positions(model.unet, {name: 1 - mask for name in masks}):
+        rest = per_sample_grads(*args)
+    full = per_sample_grads(*args)
+    fast, sq = factored_grads(
+        model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target, masks=masks
+    )
+    torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+    text = torch.cat(
+        [torch.full((p.numel(),), name.rsplit(".", 1)[0] in masks) for name, p in params.items()]
+    )
+    assert text.any() and not text.all()
+    torch.testing.assert_close(exact[:, text] + rest[:, text], full[:, text], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(exact[:, ~text], full[:, ~text], rtol=0, atol=0)
+    assert (exact[:, text] - full[:, text]).abs().max() > 1e-3 * full[:, text].abs().max()
