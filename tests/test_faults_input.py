@@ -218,8 +218,8 @@ def test_featurizer_rejects_nonfinite_and_zero_norm_rows(world_rows, pixel_model
     attributor = featurizer.attributor
     timestep_gradient = attributor._timestep_gradient
 
-    def zero_third_row(loss, inputs):  # row c: a zero gradient at every timestep
-        g, sq = timestep_gradient(loss, inputs)
+    def zero_third_row(loss, inputs, *rest):  # row c: a zero gradient at every timestep
+        g, sq = timestep_gradient(loss, inputs, *rest)
         g, sq = g.clone(), None if sq is None else sq.clone()
         g[2] = 0
         if sq is not None:
