@@ -190,24 +190,25 @@ class DiffusionModel:
                 raise PromptError(f"prompt {prompt!r} is not a string")
             if not allow_empty and not prompt.strip():
                 raise PromptError("the prompt is empty; give the text the image was made from")
-        tokens = self.tokenizer(
+        hidden = self.text_encoder(self._token_ids(prompts).to(self.device))[0]
+        return hidden.to(self.dtype)
+
+    def _token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts (B,) -> token ids (B, L), padded and truncated to the encoder's length."""
+        length = self.tokenizer.model_max_length
+        return self.tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=length,
             truncation=True,
             return_tensors="pt",
-        )
-        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return hidden.to(self.dtype)
+        ).input_ids
 
     def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
         """(L,) float32 mask of the conditioning positions that hold the concept's tokens:
         1 where the prompt's tokens (as `encode_prompts` pads and truncates them) match the
         concept's tokens as a contiguous run, 0 elsewhere (every occurrence is marked)."""
-        length = self.tokenizer.model_max_length
-        ids = self.tokenizer(
-            prompt, padding="max_length", max_length=length, truncation=True
-        ).input_ids
+        ids = self._token_ids([prompt])[0].tolist()
         word = self.tokenizer(concept, add_special_tokens=False).input_ids
         mask = torch.zeros(len(ids), dtype=torch.float32)
         for start in range(len(ids) - len(word) + 1 if word else 0):
@@ -216,7 +217,7 @@ class DiffusionModel:
         if not mask.any():
             raise ConceptNotInPromptError(
                 f"the tokens of concept {concept!r} do not occur in the tokens of prompt "
-                f"{prompt!r} (first {length} tokens); name the concept as the prompt spells it"
+                f"{prompt!r} (first {len(ids)} tokens); name the concept as the prompt spells it"
             )
         return mask.to(self.device)
 
