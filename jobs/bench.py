@@ -4,7 +4,7 @@ Sections: the toy model (all parameters) and an SD-shaped UNet (attn2): naive re
 default path seconds per sample, forward-equivalents and efficiency; quality retention vs exact
 scores on the synthetic world (toy); bytes per sample; peak memory of featurize and of a query
 at two sizes; the streaming query scan vs a memory copy; Fisher merge. The measuring code is in
-`jobs.bench_lib`; targets are read off the table, never asserted by tests.
+`pipeline.bench`; targets are read off the table, never asserted by tests.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ctrak.errors import ConfigError
-    from jobs.bench_lib import report, suite
+    from pipeline.bench import report, suite
 
     opts = _options(args)
     unknown = sorted(set(opts["only"]) - set(SECTIONS))

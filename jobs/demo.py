@@ -57,7 +57,7 @@ def query_images(model, world: str, prompt: str, n: int, work: Path) -> list[Pat
     from PIL import Image
 
     from ctrak.generation import generate_images
-    from pipeline.synthetic import classify, world_combos
+    from ctrak.toy.worlds import classify, world_combos
 
     combo = next((c for c in world_combos(world) if c.caption == prompt), None)
     out, kept = work / "queries", []
@@ -87,12 +87,12 @@ def _precision(hits, attribute: str, value: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from ctrak.config import AttributionConfig, GradientConfig
     from ctrak.model import DiffusionModel
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
+    from ctrak.toy.worlds import generate_world
     from pipeline.cluster import ray_session
     from pipeline.config import JobConfig, PipelineConfig, RayConfig
     from pipeline.ingest import ingest
     from pipeline.query import QuerySpec, load_query_image, run_queries
-    from pipeline.synthetic import generate_world
 
     start = time.perf_counter()
     work = Path(args.work)
@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
     # 5. the report: query image, per method the top-k images with scores, relevant marked
-    from jobs.report import query_sections, render_report
     from pipeline.images import hit_images
+    from pipeline.report.render import query_sections, render_report
 
     images = {}
     for method, method_results in results.items():

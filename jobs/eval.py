@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.config import with_overrides
-    from jobs.evaluation import (
+    from pipeline.evaluation.synthetic_bench import (
         Variant,
         ablation_variants,
         cost_variants,

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     )
     write_json(args.json, {**info, "results": [r.to_dict() for r in results]})
     if args.report:
-        from jobs.report import write_query_report
+        from pipeline.report.render import write_query_report
 
         write_query_report(args.report, config, results)
     return 0

@@ -1,6 +1,6 @@
 """Input shards: list the img2dataset WebDataset tars under a URI, and decode one tar.
 
-Layout (img2dataset, LAION, DataComp, `pipeline/synthetic.py`): `00000.tar` holding
+Layout (img2dataset, LAION, DataComp, `ctrak/toy/worlds.py`): `00000.tar` holding
 `{key}.jpg|png|webp`, `{key}.txt` (caption) and `{key}.json` (metadata); members of one
 sample are consecutive. A shard's id is its file name without `.tar` (e.g. "00000"); it names
 every store file of the shard, so it must be a plain name. Tar member names are only ever

@@ -8,7 +8,7 @@
                                      float16|float32 (field metadata `dtype`), PLAIN, no
                                      compression, no dictionary: decodes at memory-copy speed;
                                      feature_norm float32 ||phi_i||_2 of the stored values
-                                     (the float32 screen's error bound, `ctrak.screen`)
+                                     (the float32 screen's error bound, `pipeline.scan.screen`)
     <store>/grams/<shard>.npy        Phi_s^T Phi_s (k, k) float64 of the STORED values
     <store>/rejects/<shard>.parquet  shard, row, key, reason
     <store>/done/<shard>.json        the shard's marker, written LAST: row counts and the
@@ -139,7 +139,7 @@ class ShardEntry:
 
 FEATURE_COLUMNS = ("feature", "feature_norm")  # written PLAIN: no dictionary, no compression
 UNIQUE_COLUMNS = ("key", "row")  # one value per row: a dictionary would only cost
-UNCOMPRESSED_COLUMNS = ("row", *FEATURE_COLUMNS)  # read in place by the scan (pipeline.pages)
+UNCOMPRESSED_COLUMNS = ("row", *FEATURE_COLUMNS)  # read in place by the scan (pipeline.scan.pages)
 
 
 def feature_table(shard: str, columns: dict, features: np.ndarray) -> pa.Table:
@@ -255,7 +255,7 @@ def _write_parquet(table: pa.Table) -> bytes:
 
 def _feature_misalignment(data: bytes) -> int | None:
     """Where the first `feature` page's values start, modulo ALIGN (None: no such page)."""
-    from pipeline.pages import column_views
+    from pipeline.scan.pages import column_views
 
     (views,) = column_views(data, pq.ParquetFile(pa.BufferReader(data)), "feature")
     if not views:
@@ -272,7 +272,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
     A feature table is written with one data page per column chunk (up to PAGE_BYTES) and a
     PAD_COLUMN just before `feature`: one repeated value of zero bytes (in its dictionary
     page; under 2 ALIGN bytes), its length chosen so that the feature values start on an
-    ALIGN-byte boundary of the file and a scan can view them in place (`pipeline.pages`).
+    ALIGN-byte boundary of the file and a scan can view them in place (`pipeline.scan.pages`).
     Readers drop it (`FeatureStore.read_features`); it carries no data."""
     names = table.column_names
     if "feature" not in names or table.num_rows == 0:

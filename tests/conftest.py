@@ -31,14 +31,14 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def pixel_model_dir(tmp_path_factory):
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("pixel") / "model", latent=False, seed=0)
 
 
 @pytest.fixture(scope="session")
 def latent_model_dir(tmp_path_factory):
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("latent") / "model", latent=True, seed=1)
 

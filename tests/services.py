@@ -2,7 +2,7 @@
 
 Both start on first use and stop at the end of the session. Every S3 server binds 127.0.0.1
 on fixed ports found free from a base (the shared one from 18433, extra ones from 18533;
-see `pipeline.devs3.ports`), so a second test session on the machine does not collide, and
+see `pipeline.dev.s3server.ports`), so a second test session on the machine does not collide, and
 requires its credentials. `s3_servers` starts extra servers (own ports, data folder and
 credentials) that a test may stop and restart on the same data; the Ray cluster has 2 CPUs,
 no dashboard, and token auth disabled.
@@ -33,7 +33,7 @@ def _free(port: int) -> bool:
 
 def free_s3_port(first: int) -> int:
     """The first S3 port from `first` (in steps of 20) whose derived ports are all free."""
-    from pipeline.devs3 import ports
+    from pipeline.dev.s3server import ports
 
     for base in range(first, first + 2000, 20):
         if all(_free(p) for p in ports(base).values() if p):
@@ -52,7 +52,7 @@ class S3Servers:
         self.next_port = 18533
 
     def start(self, name: str, key: str = S3_KEY, secret: str = S3_SECRET, port: int = 0):
-        from pipeline.devs3 import start
+        from pipeline.dev.s3server import start
 
         port = port or free_s3_port(self.next_port)
         self.next_port = port + 20
@@ -91,7 +91,7 @@ def s3_servers(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A running SeaweedFS S3 gateway: its DevS3 (endpoint_url, bucket, key, secret)."""
-    from pipeline.devs3 import start
+    from pipeline.dev.s3server import start
 
     server = start(
         tmp_path_factory.mktemp("seaweedfs"),

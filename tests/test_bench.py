@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ctrak.kernel import fit_kernel, gram, scores, solve
-from jobs.bench_lib.quality import exact_scores, spearman, topk_overlap
+from pipeline.bench.quality import exact_scores, spearman, topk_overlap
 
 
 @pytest.fixture(scope="module")

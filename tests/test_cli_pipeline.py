@@ -18,11 +18,11 @@ from ctrak.attribution import Attributor, Query
 from ctrak.kernel import fit_kernel, gram, scores, solve
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
+from ctrak.toy.worlds import generate_world, read_samples
 from jobs.cli import main
 from jobs.config import load_config
 from pipeline.featurize import images_to_tensor
 from pipeline.store import FeatureStore, table_features
-from pipeline.synthetic import generate_world, read_samples
 
 SETTINGS = [
     "attribution.projection.k=32",

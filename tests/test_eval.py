@@ -15,7 +15,12 @@ from ctrak.errors import ConfigError
 from jobs.cli import build_parser
 from jobs.config import UnknownConfigKeyError, with_overrides
 from jobs.demo import DEFAULT_MODEL
-from jobs.evaluation import evaluate, markdown_table, method_variants, training_set
+from pipeline.evaluation.synthetic_bench import (
+    evaluate,
+    markdown_table,
+    method_variants,
+    training_set,
+)
 
 
 @pytest.fixture(scope="module")

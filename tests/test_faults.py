@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
+from ctrak.toy.worlds import generate_world
 from jobs.cli import main
 from pipeline.cluster import ray_session
 from pipeline.config import JobConfig, PipelineConfig, RayConfig, StorageConfig
@@ -38,7 +39,6 @@ from pipeline.ingest import ingest
 from pipeline.shards import decode_shard
 from pipeline.storage import Retry
 from pipeline.store import FeatureStore, table_features
-from pipeline.synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTION = AttributionConfig(

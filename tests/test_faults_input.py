@@ -28,12 +28,12 @@ from PIL import Image
 
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.kernel import gram
+from ctrak.toy.worlds import generate_world, read_samples
 from jobs.cli import main
 from pipeline.featurize import REJECT_NUMERICS, Featurizer, describe_model
 from pipeline.fisher import current_kernel
 from pipeline.ingest import ShardAssembler, split_records
 from pipeline.store import FeatureStore, table_features
-from pipeline.synthetic import generate_world, read_samples
 
 ATTRIBUTION = AttributionConfig(
     gradient=GradientConfig(timesteps=(499, 899)), projection=ProjectionConfig(k=32)
@@ -285,7 +285,7 @@ def test_truncated_or_altered_feature_shard_is_refused_at_query_time(query_args,
 def test_a_store_from_another_model_or_method_is_refused(
     query_args, tmp_path_factory, tmp_path, capsys
 ):
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
 
     store, common, query = query_args
     before = _listing(store)

@@ -10,10 +10,10 @@ import json
 from ctrak.errors import ConceptNotInPromptError
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
+from ctrak.toy.worlds import classify
 from jobs.cli import main
 from jobs.demo import DEFAULT_MODEL
 from jobs.generate import to_uint8
-from pipeline.synthetic import classify
 
 
 def _colours(images) -> list[str | None]:

@@ -1,15 +1,15 @@
-"""The fused float16 screen kernel (ctrak.native): built here, equal to float64 sums within the
-screen's float32 bound, any query count and row length, and a clean fallback to torch's path
-when it cannot be built."""
+"""The fused float16 screen kernel (pipeline.scan.native): built here, equal to float64 sums
+within the screen's float32 bound, any query count and row length, and a clean fallback to
+torch's path when it cannot be built."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ctrak import native
-from ctrak.screen import error_bound, exact_topk, screen_scores
 from ctrak.topk import topk
+from pipeline.scan import native
+from pipeline.scan.screen import error_bound, exact_topk, screen_scores
 
 
 def test_kernel_is_built_on_this_machine():
@@ -105,7 +105,7 @@ def test_a_failing_build_and_the_switch_fall_back(monkeypatch, tmp_path):
 
 
 def test_a_prebuilt_library_runs_without_a_compiler(monkeypatch, tmp_path):
-    """An image builds the kernel ahead (`python -m ctrak.native`); its workers need no
+    """An image builds the kernel ahead (`python -m pipeline.scan.native`); its workers need no
     compiler to load it."""
     monkeypatch.setenv("CTRAK_NATIVE_CACHE", str(tmp_path / "cache"))
     native._load.cache_clear()

@@ -1,4 +1,4 @@
-"""Feature pages read in place (pipeline.pages) equal Arrow's decode, bit for bit: the store's
+"""Feature pages read in place (pipeline.scan.pages) equal Arrow's decode, bit for bit: the store's
 own layout (one aligned page), several pages and row groups, page statistics and v2 pages;
 other layouts are refused (None) rather than misread. The scan over such files
 (`score_files`: in-place pages, a running top-k across files) equals a dense float64 top-k."""
@@ -15,8 +15,8 @@ import torch
 
 from ctrak.kernel import scores
 from ctrak.topk import topk
-from pipeline.pages import column_views
-from pipeline.query import Floor, gather, score_file, score_files
+from pipeline.scan.pages import column_views
+from pipeline.scan.scanner import Floor, gather, score_file, score_files
 from pipeline.store import ALIGN, PAD_COLUMN, feature_table, parquet_bytes, table_features
 
 

@@ -20,7 +20,7 @@ from ctrak.topk import topk
 from jobs.config import UnknownConfigKeyError, load_config, parse_override
 from pipeline.config import StorageConfig
 from pipeline.ingest import ShardAssembler, split_records
-from pipeline.query import gather, score_block, score_shard
+from pipeline.scan.scanner import gather, score_block, score_shard
 from pipeline.shards import decode_shard, list_shards
 from pipeline.store import feature_table
 

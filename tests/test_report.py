@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctrak.toy.worlds import generate_world, read_samples, render, sample_row
 from jobs.cli import main
-from jobs.report import (
+from pipeline.errors import StorageError
+from pipeline.images import data_sources, fetch_images
+from pipeline.report.render import (
     MethodHits,
     ReportHit,
     Section,
@@ -24,9 +27,6 @@ from jobs.report import (
     relevance,
     render_report,
 )
-from pipeline.errors import StorageError
-from pipeline.images import data_sources, fetch_images
-from pipeline.synthetic import generate_world, read_samples, render, sample_row
 
 EVIL = '<script>alert("x")</script> & <b>bold</b>'
 

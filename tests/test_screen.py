@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ctrak.screen
+import pipeline.scan.screen
 from ctrak.kernel import scores
-from ctrak.screen import _half_screen, _half_sum_is_float32, error_bound, exact_topk, screen_scores
 from ctrak.topk import topk
+from pipeline.scan.screen import (
+    _half_screen,
+    _half_sum_is_float32,
+    error_bound,
+    exact_topk,
+    screen_scores,
+)
 
 
 def _reference(phi: torch.Tensor, x: torch.Tensor, k: int, ids: torch.Tensor):
@@ -55,7 +61,7 @@ def test_near_ties_that_float32_reorders_rank_as_in_float64():
 @pytest.mark.parametrize("native", [True, False])
 def test_error_bound_holds_on_adversarial_sums(native):
     """Cancelling sums of large terms: |float32 - float64| stays under E, on the fused kernel
-    (ctrak.native) and on torch's convert-then-matmul path."""
+    (pipeline.scan.native) and on torch's convert-then-matmul path."""
     gen = torch.Generator().manual_seed(5)
     phi = (torch.randn(400, 512, generator=gen) * 300).half()
     x = torch.randn(6, 512, generator=gen, dtype=torch.float64)
@@ -106,7 +112,7 @@ def test_one_query_over_row_blocks_equals_float64_topk(half_path, k, monkeypatch
     screen (or, when torch could reduce in float16, the float32 one) gives the float64 top-k,
     exact ties and near-ties included."""
     if not half_path:
-        monkeypatch.setattr(ctrak.screen, "_half_sum_is_float32", lambda: False)
+        monkeypatch.setattr(pipeline.scan.screen, "_half_sum_is_float32", lambda: False)
     gen = torch.Generator().manual_seed(10 + k)
     phi = torch.randn(1300, 40, generator=gen).half()
     phi[700] = phi[5]  # an exact tie across blocks

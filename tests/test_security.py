@@ -25,12 +25,12 @@ from services import free_s3_port
 
 from ctrak.errors import ModelLoadError
 from ctrak.model import DiffusionModel
+from ctrak.toy.worlds import generate_world
 from jobs.cli import main
 from pipeline.config import StorageConfig
-from pipeline.devs3 import ports
+from pipeline.dev.s3server import ports
 from pipeline.shards import decode_shard
 from pipeline.storage import filesystem, redact
-from pipeline.synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ UNSAFE = {
     "np.load(allow_pickle=True)": re.compile(r"allow_pickle\s*=\s*True"),
     "tar extraction to disk": re.compile(r"\.extractall\(|\.extract\("),
 }
-KNOWN = {"jobs/train_toy.py"}  # resume checkpoint: torch.load(weights_only=False), reported
+KNOWN = {"ctrak/toy/train.py"}  # resume checkpoint: torch.load(weights_only=False), reported
 
 
 def test_no_code_path_unpickles_or_extracts():

@@ -21,7 +21,7 @@ from pipeline.errors import (
     StoreNotFoundError,
 )
 from pipeline.fisher import current_kernel, fisher_info, update_fisher
-from pipeline.query import score_block
+from pipeline.scan.scanner import score_block
 from pipeline.shards import ShardRef
 from pipeline.storage import write_atomic
 from pipeline.store import (

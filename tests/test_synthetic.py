@@ -1,4 +1,5 @@
-"""Synthetic worlds (pipeline/synthetic.py) and the toy trainer (jobs/train_toy.py)."""
+"""Synthetic worlds (ctrak/toy/worlds.py) and the toy trainer (ctrak/toy/train.py,
+`ctrak train-toy`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctrak.errors import ConfigError
-from ctrak.tiny import DEFAULT_WORDS
-from pipeline.synthetic import (
+from ctrak.toy.tiny import DEFAULT_WORDS
+from ctrak.toy.worlds import (
     PALETTE,
     WORLDS,
     classify,
@@ -159,7 +160,7 @@ def test_train_toy_tiny_run(tmp_path):
 
 def test_attribute_dropout_spells_the_query_negatives():
     from ctrak.attribution import resolve_negative
-    from jobs.train_toy import _attribute_drops, _drop_attributes
+    from ctrak.toy.train import _attribute_drops, _drop_attributes
 
     assert (
         _attribute_drops("a red triangle")

@@ -25,7 +25,7 @@ from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, Que
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
-from pipeline.synthetic import classify, generate_world, read_samples, world_combos
+from ctrak.toy.worlds import classify, generate_world, read_samples, world_combos
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def reference_variants() -> list[Variant]:
     gradients, dense JL to k = 2048, 50-step CFG 7.5 inversion: `ctrak bench`'s naive), over
     all parameters (the benchmark's toy section) and over attn2 (its SD-shaped section, and
     the shipped default): the P@10 side of the benchmark's speed-ups."""
-    from jobs.bench_lib.speed import default_config, naive_config
+    from pipeline.bench.speed import default_config, naive_config
 
     return [
         Variant("default path, all params", default_config(())),

@@ -105,7 +105,7 @@ def query_images(
     held-out combination there and loses it at CFG >= 2), preferring the ones
     `classify` reads as the prompt's (shape, colour) -> (images, how many matched)."""
     from ctrak.generation import generate_images
-    from pipeline.synthetic import classify
+    from ctrak.toy.worlds import classify
 
     *_, colour, shape = prompt.split()
     images = generate_images(model, [prompt] * max(candidates, count), num_steps=25, guidance=1.0)
@@ -149,7 +149,7 @@ def measure_quality(
     """Scores of every path on the same training images and queries, and their agreement.
     `default_features` (n, k) and `naive_head` (the naive features of the first rows, from the
     speed run) are reused; the naive path computes only the remaining rows."""
-    from jobs.bench_lib.speed import default_config, naive_config
+    from pipeline.bench.speed import default_config, naive_config
 
     clock: dict[str, float] = {}
     begin = time.perf_counter()

@@ -87,7 +87,7 @@ def environment(threads: int) -> dict[str, object]:
     import pyarrow
     import torch
 
-    from ctrak import native
+    from pipeline.scan import native
 
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -438,10 +438,10 @@ def read_samples(uri: str, storage_options: dict | None = None) -> Iterator[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.synthetic WORLD OUT --num-images N --image-size S --seed K`."""
+    """`python -m ctrak.toy.worlds WORLD OUT --num-images N --image-size S --seed K`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ctrak.toy.worlds", description=__doc__)
     parser.add_argument("world", choices=sorted(WORLDS))
     parser.add_argument("out", help="local folder or fsspec URI")
     parser.add_argument("--num-images", type=int, required=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ctrak import native
-from jobs.bench_lib import memory, models, quality, scan, speed
-from jobs.bench_lib.report import Row
+from pipeline.bench import memory, models, quality, scan, speed
+from pipeline.bench.report import Row
+from pipeline.scan import native
 
 log = logging.getLogger("ctrak.bench")
 
@@ -196,7 +196,7 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
     if q == 1:
         path = "float16 matrix-vector"
     elif kernel.available:
-        path = "fused float16 -> float32 FMA kernel, ctrak.native"
+        path = "fused float16 -> float32 FMA kernel, pipeline.scan.native"
     else:
         path = f"float16 -> float32 in cache, float32 matmul (no native kernel: {kernel.reason})"
     return [
@@ -222,8 +222,8 @@ def scan_rows(q: int, run: dict, ceiling: dict) -> list[Row]:
             "query",
             f"screen arithmetic alone / copy bandwidth, {label}",
             ceiling["ratio_to_copy"],
-            note=f"the scan's ceiling: ctrak.screen.screen ({path}), {2 * q} FLOP per 2-byte "
-            f"feature element, on {ceiling['rows']:,} float16 rows in memory, no decode: "
+            note=f"the scan's ceiling: pipeline.scan.screen.screen ({path}), {2 * q} FLOP per "
+            f"2-byte feature element, on {ceiling['rows']:,} float16 rows in memory, no decode: "
             f"{ceiling['gflop_per_s']:.3g} GFLOP/s, {ceiling['rows_per_s']:.3g} rows/s",
         ),
     ]
@@ -304,7 +304,7 @@ def run_query(workdir: Path, opts: dict) -> tuple[dict, list[Row]]:
             product["rows"],
             "rows",
             note=f"k={k}, top-{top}, timed with {q} queries and with 1 query, each in its own "
-            "process without the memory probes; pipeline.query score_files + gather, one "
+            "process without the memory probes; pipeline.scan.scanner score_files + gather, one "
             "process, no Ray, files memory-mapped from the page cache (mapping not timed)",
         ),
         Row(

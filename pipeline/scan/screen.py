@@ -18,7 +18,7 @@ the top-m taken from those (`topk.merge_topk`: descending, ties by ascending id)
 equals the float64 top-k over all rows. A block whose float32 scores are not all finite, or
 any block while torch allows float32 matmuls in lower precision
 (torch.set_float32_matmul_precision other than "highest"), is scored in float64 whole.
-Over float16 rows the float32 screen runs in the fused kernel of `ctrak.native` where it is
+Over float16 rows the float32 screen runs in the fused kernel of `pipeline.scan.native` where it is
 built (the same float32 products, summed in another order: covered), else torch converts
 blocks to float32 and multiplies.
 
@@ -45,8 +45,8 @@ from collections.abc import Sequence
 import torch
 
 from ctrak.kernel import scores
-from ctrak.native import screen16
 from ctrak.topk import TopK, merge_topk
+from pipeline.scan.native import screen16
 
 BLOCK_ROWS = 512  # rows converted to float32 at a time: 2 MB at k = 1024, stays in cache
 
@@ -62,8 +62,8 @@ def screen_scores(
 ) -> torch.Tensor:
     """phi (n, k) float16|float32 (or row blocks of it, in order), x (q, k) float32 -> s32 (q, n)
     float32 = x phi^T, float16 rows converted to float32 block_rows rows at a time (the block
-    stays in cache for the matmul), or by the fused kernel of `ctrak.native` where it is built
-    (`native=False`: torch's path only)."""
+    stays in cache for the matmul), or by the fused kernel of `pipeline.scan.native` where it is
+    built (`native=False`: torch's path only)."""
     blocks = _blocks(phi)
     n, k = sum(b.shape[0] for b in blocks), x.shape[1]
     s32 = torch.empty(x.shape[0], n)  # (q, n)
@@ -76,7 +76,9 @@ def screen_scores(
             torch.mm(x, block.T, out=out)
             offset += block.shape[0]
             continue
-        if native and screen16(block, x, out):  # the same float32 sums, fused (ctrak.native)
+        if native and screen16(
+            block, x, out
+        ):  # the same float32 sums, fused (pipeline.scan.native)
             offset += block.shape[0]
             continue
         if buffer.numel() == 0:

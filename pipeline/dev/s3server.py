@@ -6,7 +6,7 @@ bound to loopback; with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environ
 gateway requires exactly those credentials. Used by `tests/services.py` and
 `infra/dev/s3-server.sh`:
 
-    python -m pipeline.devs3 --dir /tmp/ctrak-s3 --port 8333 --bucket ctrak
+    python -m pipeline.dev.s3server --dir /tmp/ctrak-s3 --port 8333 --bucket ctrak
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a server in the foreground until interrupted; prints how to reach it."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.devs3", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.dev.s3server", description=__doc__)
     parser.add_argument("--dir", default="/tmp/ctrak-s3", help="data folder")
     parser.add_argument("--port", type=int, default=8333, help="S3 port (others derived)")
     parser.add_argument("--bucket", default="ctrak")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  export AWS_ENDPOINT_URL_S3={server.endpoint_url} AWS_REGION=us-east-1")
     print(
         "  credentials: CTRAK_DEV_S3_KEY / CTRAK_DEV_S3_SECRET (else the dev defaults in "
-        "pipeline/devs3.py) as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        "pipeline/dev/s3server.py) as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
     )
 
     def interrupt(signum, frame):

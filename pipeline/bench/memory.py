@@ -1,7 +1,7 @@
 """Peak resident memory of featurize and of a query, each in a fresh process, at two sizes.
 
-    python -m jobs.bench_lib.memory featurize MODEL --params attn2 --samples N --batch-size B
-    python -m jobs.bench_lib.memory query FILE... --k K --queries Q
+    python -m pipeline.bench.memory featurize MODEL --params attn2 --samples N --batch-size B
+    python -m pipeline.bench.memory query FILE... --k K --queries Q
 
 print one JSON line: {"peak_rss_mb": the peak RSS while featurizing / scanning (VmHWM, reset
 after loading: libraries and model included, import-time spikes not), "rss_before_mb", ...}.
@@ -81,7 +81,7 @@ def run_children(argvs: list[list[str]], threads: int) -> list[dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = str(threads)
-    base = [sys.executable, "-m", "jobs.bench_lib.memory"]
+    base = [sys.executable, "-m", "pipeline.bench.memory"]
     procs = [
         subprocess.Popen(
             [*base, *argv, "--threads", str(threads)],
@@ -107,8 +107,8 @@ def featurize_child(args: argparse.Namespace) -> dict:
     from ctrak.attribution import Attributor
     from ctrak.kernel import gram
     from ctrak.model import DiffusionModel
-    from jobs.bench_lib.models import world_images
-    from jobs.bench_lib.speed import default_config
+    from pipeline.bench.models import world_images
+    from pipeline.bench.speed import default_config
 
     model = DiffusionModel.load(args.model)
     attributor = Attributor(model, default_config(tuple(args.params)))
@@ -131,7 +131,7 @@ def featurize_child(args: argparse.Namespace) -> dict:
 def query_child(args: argparse.Namespace) -> dict:
     import time
 
-    from jobs.bench_lib.scan import product_scan, query_vectors
+    from pipeline.bench.scan import product_scan, query_vectors
 
     x = query_vectors(args.k, args.queries)
     product_scan(args.files[:1], x, args.top)  # imports and first touches before the baseline
@@ -169,7 +169,7 @@ def _timed_scans(args: argparse.Namespace, x) -> dict:
     ratio: {rows, seconds, copy_bytes_per_s, map_seconds, rounds}."""
     import time
 
-    from jobs.bench_lib.scan import copy_bandwidth, product_scan
+    from pipeline.bench.scan import copy_bandwidth, product_scan
 
     feature_bytes = sum(_rows(f) for f in args.files) * args.k * 2
     rounds = []
@@ -230,7 +230,7 @@ def measure_scan(files: list[str], k: int, queries: int, top: int, threads: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_lib.memory")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.memory")
     sub = parser.add_subparsers(dest="what", required=True)
     feat = sub.add_parser("featurize")
     feat.add_argument("model")

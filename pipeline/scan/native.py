@@ -1,13 +1,14 @@
 """Optional compiled kernels, built at first use with the system C compiler (stdlib ctypes).
 
-One kernel today: `screen16`, the float32 screen over float16 rows (ctrak/screen16.c). It
-computes what `ctrak.screen.screen_scores` computes (float32 products of float32 queries with
+One kernel today: `screen16`, the float32 screen over float16 rows (pipeline/scan/screen16.c). It
+computes what
+`pipeline.scan.screen.screen_scores` computes (float32 products of float32 queries with
 exactly converted float16 rows, float32 sums in another order, which the screen's error bound
 covers), reading each stored row once instead of converting blocks and calling a matmul.
 
 The shared library is cached per source and machine type under $CTRAK_NATIVE_CACHE (default
 ~/.cache/ctrak/native) and written by an atomic rename, so concurrent workers may build it at
-once; an image can build it ahead (`python -m ctrak.native`) and run without a compiler.
+once; an image can build it ahead (`python -m pipeline.scan.native`) and run without a compiler.
 Everything degrades to torch's path: no compiler, a failed build, a CPU without AVX2/FMA/F16C,
 or CTRAK_NATIVE=0 in the environment (to compare or to rule the kernel out). `status()` says
 which and why.

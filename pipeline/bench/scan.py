@@ -4,7 +4,7 @@ Product store: Parquet files in `pipeline.store`'s layout and writer (one 10k-ro
 shard, `feature_table` + `parquet_bytes`: feature fixed_size_binary(2k) float16 PLAIN and
 uncompressed, feature_norm, snappy string columns), independent standard normal features in
 every file.
-The product scan is `pipeline.query`'s per-task path run in one process without Ray: each
+The product scan is `pipeline.scan.scanner`'s per-task path run in one process without Ray: each
 file memory-mapped (in the page cache, as a query task holds a shard's bytes after its GET;
 not counted: the transfer and the sha256 check against the marker) -> `score_files` (per
 file: the float16 rows viewed in place in the Parquet pages, a float16 (1 query) or float32
@@ -12,10 +12,10 @@ screen, a float64 rescore of the few rows that can reach the top-k, hit columns 
 for rows that enter the running top-k) -> `gather`. Its top-k is checked against a dense float64
 top-k of the first file.
 
-Arithmetic ceiling: `ctrak.screen.screen` alone (one query: float16 matrix-vector; several:
-the fused float16 -> float32 FMA kernel of `ctrak.native`, or where it is not built float16 ->
-float32 in cache and x Phi^T in float32) over float16 rows already in memory, no decode: the
-scan cannot beat it.
+Arithmetic ceiling: `pipeline.scan.screen.screen` alone (one query: float16 matrix-vector;
+several: the fused float16 -> float32 FMA kernel of `pipeline.scan.native`, or where it is not
+built float16 -> float32 in cache and x Phi^T in float32) over float16 rows already in memory,
+no decode: the scan cannot beat it.
 Copy bandwidth: `np.copyto` of one buffer, repeated to the store's feature bytes; the median
 of the copies is the reference. All of it single-threaded (torch threads = bench --threads,
 Arrow decodes in the calling thread).
@@ -98,13 +98,13 @@ def _mapped(path: str) -> pa.Buffer:
 def product_scan(
     files: list[str], x: np.ndarray, top: int, after_file: Callable[[], None] | None = None
 ) -> tuple[list[list[dict]], int, float]:
-    """pipeline.query's scan in one process: x (q, k) float64 -> (hits per query, rows, seconds
-    spent mapping files). Each file is mapped from the page cache (its bytes in memory, as a
+    """pipeline.scan.scanner's scan in one process: x (q, k) float64 -> (hits per query, rows,
+    seconds spent mapping files). Each file is mapped from the page cache (its bytes in memory, as a
     query task holds a shard's bytes after the GET; the mapping is the GET's stand-in, so its
     seconds are returned for the caller to leave out) -> `score_files` (features read in place
     from the Parquet pages, each file against the running top-k) -> `gather`. `after_file`
     runs after each file (the memory probe)."""
-    from pipeline.query import gather, score_files
+    from pipeline.scan.scanner import gather, score_files
 
     shard_index = {Path(f).stem: i for i, f in enumerate(sorted(files))}
     rows, loading = [0], [0.0]
@@ -165,11 +165,11 @@ def check_exact(files: list[str], x: np.ndarray, top: int) -> float:
 
 
 def measure_ceiling(k: int, q: int, rows: int, repeats: int = 3) -> dict[str, float]:
-    """`ctrak.screen.screen` of x (q, k) over `rows` random float16 rows in memory, in blocks of
-    a file's size, no decode (the best of `repeats`): the float16 matrix-vector screen for one
-    query, the float32 one for several, as the scan runs them -> {"rows_per_s", "bytes_per_s",
-    "gflop_per_s"}."""
-    from ctrak.screen import screen
+    """`pipeline.scan.screen.screen` of x (q, k) over `rows` random float16 rows in memory, in
+    blocks of a file's size, no decode (the best of `repeats`): the float16 matrix-vector screen
+    for one query, the float32 one for several, as the scan runs them -> {"rows_per_s",
+    "bytes_per_s", "gflop_per_s"}."""
+    from pipeline.scan.screen import screen
 
     gen = torch.Generator().manual_seed(2)
     phi = torch.randn(rows, k, generator=gen).to(torch.float16)

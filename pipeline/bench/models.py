@@ -1,14 +1,14 @@
 """The benchmark's models and images.
 
 - toy: `ctrak/assets/toy-paper` (the trained toy model) when present, else a random-weight
-  `ctrak.tiny.build_tiny_model` of the same layout; attributed through all parameters.
+  `ctrak.toy.tiny.build_tiny_model` of the same layout; attributed through all parameters.
 - SD-shaped: a UNet2DConditionModel with Stable Diffusion 1.x's block layout
   (CrossAttnDownBlock2D x 3 + DownBlock2D, a cross-attention mid block, UpBlock2D +
   CrossAttnUpBlock2D x 3, two layers per block, 8 heads, GroupNorm(32), 4 latent channels) with
   channels scaled down to fit a CPU, random weights; attributed through `attn2` parameters.
-  Tokenizer, text encoder, scheduler and a 2x VAE come from `ctrak.tiny.build_tiny_model`.
+  Tokenizer, text encoder, scheduler and a 2x VAE come from `ctrak.toy.tiny.build_tiny_model`.
 
-Images are the synthetic paper world's training images (`pipeline.synthetic.sample_row`),
+Images are the synthetic paper world's training images (`ctrak.toy.worlds.sample_row`),
 drawn at each model's image size: image i is combination i mod 3, so any prefix is balanced.
 """
 
@@ -40,7 +40,7 @@ def toy_model(workdir: Path, path: str | None, quick: bool) -> ModelSpec:
     """The toy model: `path`, else the shipped asset, else a random-weight tiny model
     (16 px, channels (16, 32) with --quick; 24 px, channels (16, 32, 64) otherwise: the layout
     `ctrak train-toy` trains)."""
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
 
     if path:
         return ModelSpec("toy", Path(path), (), f"toy model {path} (all parameters)")
@@ -74,7 +74,7 @@ def sd_shaped_model(
     """Write the SD-shaped model (latent `latent_size`^2, image 2x that) and describe it."""
     from diffusers import UNet2DConditionModel
 
-    from ctrak.tiny import build_tiny_model
+    from ctrak.toy.tiny import build_tiny_model
 
     path = build_tiny_model(
         workdir / "sd-shaped",
@@ -112,7 +112,7 @@ def world_images(
 ) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Training images start..start+count-1 of the paper world:
     ((count, 3, S, S) in [-1, 1], captions, labels {shape, colour, ...})."""
-    from pipeline.synthetic import caption, sample_row
+    from ctrak.toy.worlds import caption, sample_row
 
     arrays, captions, labels = [], [], []
     for i in range(start, start + count):

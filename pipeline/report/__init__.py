@@ -1,0 +1,1 @@
+"""The HTML page and PNG picture of query hits (`ctrak query --report`, `ctrak demo`)."""
