@@ -12,18 +12,21 @@ A notebook session:
     kernel = attributor.fit(features)
     hits = attributor.attribute([Query("a red triangle", concept="triangle", image=img)],
                                 features, kernel, top_k=10)
+
+`Attributor(model, config, projector=P)` takes another projection; `attribute(...,
+query_config=QueryConfig(scope="global"))` other query settings on the same features.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 import ctrak
-from ctrak.config import AttributionConfig
+from ctrak.config import DEFAULT_TOP_K, AttributionConfig, QueryConfig
 from ctrak.errors import ConceptNotInPromptError, ConfigError, NumericsError, PromptError
 from ctrak.factored import FactoredProjector, factored_grads
 from ctrak.generation import sample
@@ -72,10 +75,29 @@ def fixed_noise(seed: int, t: int, shape: Sequence[int], device: torch.device) -
     return torch.randn(tuple(shape), generator=generator(seed, "noise", t)).to(device)
 
 
-class Attributor:
-    """Holds the model, the attributed parameters and the projection for one configuration."""
+def parameter_layout(
+    model: DiffusionModel, config: AttributionConfig | None = None
+) -> list[tuple[str, int]]:
+    """[(name, numel), ...] of the attributed parameters, in the order a full gradient (D,)
+    lays them out (what a `Projector` is defined over)."""
+    params = model.attributed_parameters((config or AttributionConfig()).gradient.params)
+    return [(name, t.numel()) for name, t in params.items()]
 
-    def __init__(self, model: DiffusionModel, config: AttributionConfig | None = None) -> None:
+
+class Attributor:
+    """Holds the model, the attributed parameters and the projection for one configuration.
+
+    `projector` replaces the projection the config describes (e.g. the benchmark's identity
+    map or an uncached dense JL): an object with `project(g (B, D)) -> (B, k)`, `dim` (= D,
+    the full gradient length, unless it is a `FactoredProjector`), `layout` and
+    `layout_hash`."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        config: AttributionConfig | None = None,
+        projector: Projector | FactoredProjector | None = None,
+    ) -> None:
         self.model = model
         self.config = config or AttributionConfig()
         g, inv = self.config.gradient, self.config.inversion
@@ -84,14 +106,24 @@ class Attributor:
         if g.timesteps[-1] >= model.num_train_timesteps:
             raise ConfigError(f"timestep {g.timesteps[-1]} >= T={model.num_train_timesteps}")
         self.params = model.attributed_parameters(g.params)
+        self.projector = projector if projector is not None else self._configured_projector()
+        full = sum(t.numel() for t in self.params.values())
+        if not isinstance(self.projector, FactoredProjector) and self.projector.dim != full:
+            raise ConfigError(
+                f"the projector is defined over {self.projector.dim} parameters but "
+                f"{full} are attributed (gradient.params={list(g.params)}); build it over "
+                "parameter_layout(model, config)"
+            )
+
+    def _configured_projector(self) -> Projector | FactoredProjector:
+        """The projection `config.projection` describes, regenerated from its seed."""
         p = self.config.projection
         if p.path == "factored":
-            self.projector = FactoredProjector(
-                model.unet, self.params, p.k, p.seed, p.kind, p.k_side, p.dense_below
+            return FactoredProjector(
+                self.model.unet, self.params, p.k, p.seed, p.kind, p.k_side, p.dense_below
             )
-        else:
-            layout = [(name, t.numel()) for name, t in self.params.items()]
-            self.projector = Projector(layout, p.k, p.seed, p.kind)
+        layout = [(name, t.numel()) for name, t in self.params.items()]
+        return Projector(layout, p.k, p.seed, p.kind)
 
     # ---- provenance ----------------------------------------------------------------------
     def provenance(self) -> dict[str, object]:
@@ -182,10 +214,18 @@ class Attributor:
             masks=masks,
         )
 
-    def concept_masks(self, query: Query) -> dict[str, torch.Tensor] | None:
+    def _with_query(self, query_config: QueryConfig | None) -> AttributionConfig:
+        """The attribution config with `query_config` as its query side (None: unchanged)."""
+        return self.config if query_config is None else replace(self.config, query=query_config)
+
+    def concept_masks(
+        self, query: Query, query_config: QueryConfig | None = None
+    ) -> dict[str, torch.Tensor] | None:
         """Position masks of `QueryConfig.concept_tokens`: the attributed text key/value
-        layers -> the concept's token positions; None when off or the concept is the prompt."""
-        if not self.config.query.concept_tokens or self.config.utility != "concept":
+        layers -> the concept's token positions; None when off or the concept is the prompt.
+        `query_config`: the query settings (default: the attributor's config.query)."""
+        cfg = self._with_query(query_config)
+        if not cfg.query.concept_tokens or cfg.utility != "concept":
             return None
         if query.concept is None or query.concept.strip() == query.prompt.strip():
             return None
@@ -236,9 +276,12 @@ class Attributor:
                 progress(phi.shape[0])
         return torch.cat(parts)
 
-    def query_gradient(self, query: Query) -> torch.Tensor:
-        """Query -> g_q (k,) float32: per-draw (or per-image) normalised, then averaged."""
-        cfg, q = self.config, self.config.query
+    def query_gradient(self, query: Query, query_config: QueryConfig | None = None) -> torch.Tensor:
+        """Query -> g_q (k,) float32: per-draw (or per-image) normalised, then averaged.
+        `query_config`: the query settings (scope, draws, ...; default: config.query); the
+        training side's settings stay the attributor's."""
+        cfg = self._with_query(query_config)
+        q = cfg.query
         negative_text = resolve_negative(query.prompt, query.concept, query.negative)
         if q.scope == "local":
             if query.image is None:
@@ -261,7 +304,7 @@ class Attributor:
             loss = UTILITY_LOSSES["concept"]
         else:
             loss = TRAINING_LOSSES[cfg.gradient.method]
-        masks = self.concept_masks(query)
+        masks = self.concept_masks(query, q)
         total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
         if not ok.all():
             raise NumericsError("the query gradient is NaN/Inf or zero at some timestep")
@@ -275,16 +318,29 @@ class Attributor:
         """Phi (n, k) -> the damped, factorised kernel."""
         return fit_kernel(gram(features), self.config.damping_ratio)
 
-    def scores(self, queries: Sequence[Query], features: torch.Tensor, kernel: Kernel):
-        """-> (q, n) float64 influence scores."""
-        g = torch.stack([self.query_gradient(query) for query in queries]).cpu()
+    def scores(
+        self,
+        queries: Sequence[Query],
+        features: torch.Tensor,
+        kernel: Kernel,
+        query_config: QueryConfig | None = None,
+    ) -> torch.Tensor:
+        """Queries (q,), Phi (n, k) -> (q, n) float64 influence scores (`query_config` as in
+        `query_gradient`)."""
+        g = torch.stack([self.query_gradient(query, query_config) for query in queries]).cpu()
         return scores(features, solve(kernel, g))
 
     def attribute(
-        self, queries: Sequence[Query], features: torch.Tensor, kernel: Kernel, top_k: int = 10
+        self,
+        queries: Sequence[Query],
+        features: torch.Tensor,
+        kernel: Kernel,
+        top_k: int = DEFAULT_TOP_K,
+        query_config: QueryConfig | None = None,
     ) -> TopK:
-        """-> TopK with values/indices (q, top_k), descending score."""
-        return topk(self.scores(queries, features, kernel), top_k)
+        """-> TopK with values/indices (q, top_k), descending score (`query_config` as in
+        `query_gradient`)."""
+        return topk(self.scores(queries, features, kernel, query_config), top_k)
 
 
 def _implied_noise(x_t: torch.Tensor, x0: torch.Tensor, abar_t: float) -> torch.Tensor:

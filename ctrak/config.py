@@ -16,6 +16,7 @@ functions take plain tensors and numbers. Defaults are the project's choices, re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +29,7 @@ ProjectionKind = Literal["rademacher", "gaussian"]
 
 METHODS: tuple[str, ...] = ("concept-trak", "trak", "d-trak", "das")
 DEFAULT_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699, 799, 899)
+DEFAULT_TOP_K = 10  # hits per query: the API's, the job config's and the commands' default
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -178,23 +180,49 @@ class AttributionConfig:
         return "concept" if self.gradient.method == "concept-trak" else "same"
 
     def provenance(self) -> dict[str, object]:
-        """The settings a stored feature depends on (query settings excluded)."""
-        g, inv, p = self.gradient, self.inversion, self.projection
-        dense = p.path == "factored" and p.dense_below > 0
-        return {
-            "method": g.method,
-            "timesteps": list(g.timesteps),
-            "params": list(g.params),
-            "state": g.resolved_state,
-            "normalize": g.resolved_normalize,
-            "noise_seed": g.noise_seed,
-            "inversion_steps": inv.num_steps,
-            "inversion_guidance": inv.guidance,
-            "projection_k": p.k,
-            "projection_seed": p.seed,
-            "projection_kind": p.kind,
-            "projection_path": p.path,
-            "projection_k_side": p.k_side if p.path == "factored" else None,
-            # only when set: stores and caches written before the option stay valid
-            **({"projection_dense_below": p.dense_below} if dense else {}),
-        }
+        """The settings a stored feature depends on (query settings excluded): the
+        `PROVENANCE` table's values for this config (an entry whose value is OMIT is left
+        out: stores written before that option stay valid)."""
+        values = ((key, value(self)) for key, (_, value) in PROVENANCE.items())
+        return {key: v for key, v in values if v is not OMIT}
+
+
+OMIT = object()  # a provenance value that is not recorded (the option is at its old default)
+
+
+def _dense_below(c: AttributionConfig) -> object:
+    p = c.projection
+    return p.dense_below if p.path == "factored" and p.dense_below > 0 else OMIT
+
+
+# A store's provenance: key -> (the setting that fixes it, its value in an AttributionConfig).
+# `AttributionConfig.provenance` records these; a mismatch names the setting (pipeline.store).
+PROVENANCE: dict[str, tuple[str, Callable[[AttributionConfig], object]]] = {
+    "method": ("attribution.gradient.method", lambda c: c.gradient.method),
+    "timesteps": ("attribution.gradient.timesteps", lambda c: list(c.gradient.timesteps)),
+    "params": ("attribution.gradient.params", lambda c: list(c.gradient.params)),
+    "state": ("attribution.gradient.state", lambda c: c.gradient.resolved_state),
+    "normalize": ("attribution.gradient.normalize", lambda c: c.gradient.resolved_normalize),
+    "noise_seed": ("attribution.gradient.noise_seed", lambda c: c.gradient.noise_seed),
+    "inversion_steps": ("attribution.inversion.num_steps", lambda c: c.inversion.num_steps),
+    "inversion_guidance": ("attribution.inversion.guidance", lambda c: c.inversion.guidance),
+    "projection_k": ("attribution.projection.k", lambda c: c.projection.k),
+    "projection_seed": ("attribution.projection.seed", lambda c: c.projection.seed),
+    "projection_kind": ("attribution.projection.kind", lambda c: c.projection.kind),
+    "projection_path": ("attribution.projection.path", lambda c: c.projection.path),
+    "projection_k_side": (
+        "attribution.projection.k_side",
+        lambda c: c.projection.k_side if c.projection.path == "factored" else None,
+    ),
+    "projection_dense_below": ("attribution.projection.dense_below", _dense_below),
+}
+# The other keys of a store's provenance (set by `Attributor.provenance` and the store) ->
+# the setting that fixes them.
+OTHER_PROVENANCE: dict[str, str] = {
+    "model": "job.model",
+    "model_dtype": "job.model (its weights' dtype)",
+    "feature_dtype": "job.feature_dtype",
+    "param_layout": "job.model / attribution.gradient.params",
+    "num_params": "job.model / attribution.gradient.params",
+    "code_version": "the installed ctrak version",
+}

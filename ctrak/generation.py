@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ctrak.inversion import ddim_sample, guided_eps
@@ -66,3 +67,9 @@ def generate_images(
         model, prompts, seed=seed, num_steps=num_steps, guidance=guidance, negative=negative
     )
     return model.x0_to_images(x0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 # Subcommand modules, in the order `ctrak --help` lists them. A module that is absent in this
@@ -44,28 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep third-party chatter (weight loading bars, hub hints) out of job output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help exits here, before any heavy import
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_libraries()
-    args = build_parser().parse_args(argv)
     from ctrak.errors import CtrakError
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
 
     try:
         return int(args.func(args) or 0)

@@ -1,27 +1,18 @@
 """`ctrak demo`: the production pipeline end to end on the shipped toy model, no server needed.
 
-1. writes a prefix of the toy model's own synthetic training set as WebDataset shards in a
-   local folder (the embedded default "object store");
-2. generates held-out query images ("a red triangle": a combination the model never saw),
-   keeping those a classifier confirms show it;
-3. per method, `featurize` through Ray Data (decode tasks -> featurize actors -> Parquet
-   feature shards + partial Grams -> Fisher) on a local Ray cluster, then `query` (solve once,
-   scatter over the shards, gather the top-k) for each target concept;
-4. prints the top-10 per method and concept with Precision@10 (relevant = the training image
-   has the target attribute) and writes report.html (+ report.png).
+The steps are `pipeline.demo.run_demo`'s (its module doc): shards of the toy model's own
+training set, held-out query images, featurize -> Fisher -> query per method on a local Ray
+cluster, the top-10 tables with Precision@10 and report.html (+ report.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
-
-ASSETS = Path(__file__).resolve().parent.parent / "ctrak" / "assets"
-DEFAULT_MODEL = ASSETS / "toy-paper"
+from ctrak.config import DEFAULT_TOP_K
+from ctrak.toy import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
@@ -39,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", default="a red triangle", help="query prompt")
     parser.add_argument("--concepts", default="triangle,red", help="comma-separated targets")
     parser.add_argument("--methods", default="concept-trak,trak", help="comma-separated methods")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     parser.add_argument("--actors", type=int, default=1, help="featurize actors")
     parser.add_argument("--address", default="", help="Ray cluster to join (default: local)")
     parser.add_argument("--report", default=None, help="report path (default WORK/report.html)")
@@ -47,158 +38,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _uint8(images) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def query_images(model, world: str, prompt: str, n: int, work: Path) -> list[Path]:
-    """Generate images of `prompt`, keep the first n the world's classifier confirms."""
-    from PIL import Image
-
-    from ctrak.generation import generate_images
-    from ctrak.toy.worlds import classify, world_combos
-
-    combo = next((c for c in world_combos(world) if c.caption == prompt), None)
-    out, kept = work / "queries", []
-    out.mkdir(parents=True, exist_ok=True)
-    for attempt in range(3):
-        batch = _uint8(
-            generate_images(model, [prompt] * max(n, 4), seed=1234 + attempt, guidance=1.0)
-        )
-        for array in batch:
-            if combo is None or classify(array, world) == (combo.shape, combo.colour):
-                path = out / f"query-{len(kept):02d}.png"
-                Image.fromarray(array).save(path)
-                kept.append(path)
-            if len(kept) == n:
-                return kept
-    if not kept:  # the model never drew it: show the user what it drew instead
-        Image.fromarray(batch[0]).save(out / "query-00.png")
-        kept.append(out / "query-00.png")
-        print(f"note: no generated image of {prompt!r} was classified as such; using one anyway")
-    return kept
-
-
-def _precision(hits, attribute: str, value: str) -> float:
-    return float(np.mean([(h.metadata or {}).get(attribute) == value for h in hits]))
-
-
 def run(args: argparse.Namespace) -> int:
-    from ctrak.config import AttributionConfig, GradientConfig
-    from ctrak.model import DiffusionModel
-    from ctrak.toy.tiny import build_tiny_model
-    from ctrak.toy.worlds import generate_world
-    from pipeline.cluster import ray_session
-    from pipeline.config import JobConfig, PipelineConfig, RayConfig
-    from pipeline.ingest import ingest
-    from pipeline.query import QuerySpec, load_query_image, run_queries
+    from pipeline.demo import run_demo
 
-    start = time.perf_counter()
-    work = Path(args.work)
-    model_dir = Path(args.model)
-    if not (model_dir / "model_index.json").is_file():
-        print(f"note: no trained model at {model_dir}; using an UNTRAINED tiny model")
-        model_dir = build_tiny_model(work / "tiny-model", image_size=16)
-    spec_file = model_dir / "data_spec.json"
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
-    world, seed = spec.get("world", "paper"), int(spec.get("seed", 0))
-    model = DiffusionModel.load(model_dir)
-    # 1. the first num_train images of the model's training set (image i depends on i only)
-    data = work / f"data-{world}-{model.image_size}-{seed}-{args.num_train}"
-    generate_world(
-        world,
-        str(data),
-        num_images=args.num_train,
-        image_size=model.image_size,
+    result = run_demo(
+        args.model,
+        args.work,
+        num_train=args.num_train,
         shard_size=args.shard_size,
-        seed=seed,
+        num_queries=args.num_queries,
+        prompt=args.prompt,
+        concepts=[c.strip() for c in args.concepts.split(",") if c.strip()],
+        methods=args.methods.split(","),
+        top_k=args.top_k,
+        actors=args.actors,
+        address=args.address,
+        report=args.report,
     )
-    # 2. query images the model drew for the prompt
-    paths = query_images(model, world, args.prompt, args.num_queries, work)
-    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    specs = [
-        QuerySpec(args.prompt, concept=c, image=load_query_image(str(p)), image_path=str(p))
-        for c in concepts
-        for p in paths
-    ]
-    print(
-        f"model {model_dir} ({model.fingerprint}), {args.num_train} training images in "
-        f"{data}, {len(paths)} query image(s) of {args.prompt!r}"
-    )
-    # 3. featurize and query through the Ray pipeline, one store per method
-    results, timings = {}, {}
-    with ray_session(RayConfig(address=args.address)):
-        for method in args.methods.split(","):
-            config = PipelineConfig(
-                job=JobConfig(
-                    data=str(data),
-                    store=str(work / f"store-{method}-{model.fingerprint}"),
-                    model=str(model_dir),
-                    batch_size=16,
-                    actors=args.actors,
-                    top_k=args.top_k,
-                ),
-                attribution=AttributionConfig(gradient=GradientConfig(method=method)),
-            )
-            summary = ingest(config, create=True)
-            results[method], _ = run_queries(config, specs, top_k=args.top_k)
-            timings[method] = summary.to_dict()
-    # 4. tables, Precision@k, report
-    out = []
-    for method, method_results in results.items():
-        for concept in concepts:
-            attribute = (
-                "shape"
-                if any(
-                    (h.metadata or {}).get("shape") == concept
-                    for r in method_results
-                    for h in r.hits
-                )
-                else "colour"
-            )
-            mine = [r for r in method_results if r.query.concept == concept]
-            p = float(np.mean([_precision(r.hits, attribute, concept) for r in mine]))
-            print(
-                f"\n{method}  target={concept!r}  P@{args.top_k}={p:.2f}"
-                f"  (averaged over {len(mine)} query image(s); * = has the target)"
-            )
-            for h in mine[0].hits:
-                mark = "*" if (h.metadata or {}).get(attribute) == concept else " "
-                print(f"  {h.rank:>3}  {h.score:>10.4g}  {h.key}  {mark} {h.caption}")
-            out.append(
-                {
-                    "method": method,
-                    "concept": concept,
-                    "precision_at_k": p,
-                    "results": [r.to_dict() for r in mine],
-                }
-            )
-    # 5. the report: query image, per method the top-k images with scores, relevant marked
-    from pipeline.images import hit_images
-    from pipeline.report.render import query_sections, render_report
-
-    images = {}
-    for method, method_results in results.items():
-        store = str(work / f"store-{method}-{model.fingerprint}")
-        images.update(hit_images(store, method_results, data_uri=str(data)))
-    report = Path(args.report or work / "report.html")
-    render_report(
-        query_sections(results, images),
-        report,
-        report.with_suffix(".png"),
-        subtitle=f"toy model {model.fingerprint} · {args.num_train} training images · "
-        f"held-out query {args.prompt!r}",
-    )
-    seconds = time.perf_counter() - start
-    print(f"\nreport: {report} (grid: {report.with_suffix('.png')})")
-    print(f"done in {seconds:.0f}s")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"prompt": args.prompt, "results": out, "featurize": timings, "seconds": seconds},
-                indent=2,
-            )
-            + "\n"
-        )
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jobs.demo import DEFAULT_MODEL
+from ctrak.toy import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
@@ -71,7 +71,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.config import with_overrides
+    from pipeline.config_file import with_overrides
     from pipeline.evaluation.synthetic_bench import (
         Variant,
         ablation_variants,

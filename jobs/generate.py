@@ -7,9 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -41,16 +38,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def to_uint8(images) -> np.ndarray:
-    """images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte()
-    return array.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from ctrak.attribution import resolve_negative
     from ctrak.errors import ConfigError
-    from ctrak.generation import generate_images
+    from ctrak.generation import generate_images, to_uint8
     from ctrak.model import DiffusionModel
 
     if args.num < 1:

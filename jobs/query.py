@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 from jobs.config import add_config_arguments, config_from_args
-from jobs.featurize import write_json
 
 
 def register(subparsers) -> None:
@@ -46,8 +45,9 @@ def register(subparsers) -> None:
 def read_queries_file(path: str) -> list[dict]:
     """[[queries]] tables of a TOML file, or one JSON object per line; image paths are
     relative to the file."""
+    import tomllib
+
     from ctrak.errors import ConfigError
-    from jobs.config import tomllib
 
     file = Path(path)
     try:
@@ -125,6 +125,7 @@ def format_table(results) -> str:
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import ray_session
     from pipeline.query import run_queries
+    from pipeline.results import write_json
 
     if args.scope:
         args.overrides = [*args.overrides, f'attribution.query.scope="{args.scope}"']

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.config import add_config_arguments
-from jobs.featurize import run_ingest
+from jobs.config import add_config_arguments, config_from_args
 
 
 def register(subparsers) -> None:
@@ -27,4 +26,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_ingest(args, create=False, verb="reindex")
+    from pipeline.results import run_ingest
+
+    return run_ingest(config_from_args(args), create=False, verb="reindex", json_path=args.json)

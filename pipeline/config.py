@@ -7,8 +7,8 @@
   are passed in code, and `repr`/`str` never show them;
 - `RayConfig`: which cluster to join (empty address = start a local one), progress bars.
 
-The attribution settings are `ctrak.config.AttributionConfig`; `jobs/config.py` maps one TOML
-file plus `key=value` overrides onto all four (`PipelineConfig`).
+The attribution settings are `ctrak.config.AttributionConfig`; `pipeline/config_file.py` maps
+one TOML file plus `key=value` overrides onto all four (`PipelineConfig`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ctrak.config import AttributionConfig
+from ctrak.config import DEFAULT_TOP_K, AttributionConfig
 from ctrak.errors import ConfigError
 
 FeatureDtype = Literal["float16", "float32"]
@@ -38,7 +38,7 @@ class JobConfig:
     actors: int = 1
     feature_dtype: FeatureDtype = "float16"
     max_reject_fraction: float = 0.01
-    top_k: int = 10
+    top_k: int = DEFAULT_TOP_K
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "actors", "top_k"):

@@ -6,7 +6,7 @@ They subclass `ctrak.errors.CtrakError`, so the `ctrak` command reports them as 
 
 from __future__ import annotations
 
-from ctrak.errors import CtrakError
+from ctrak.errors import ConfigError, CtrakError
 
 
 class StorageError(CtrakError):
@@ -44,3 +44,7 @@ class RejectBudgetError(CtrakError):
 class StorageUnavailableError(StorageError):
     """Object storage kept failing (refused, reset, timed out, 5xx) past storage.retry_limit_s;
     the message names the endpoint, never the credentials."""
+
+
+class UnknownConfigKeyError(ConfigError):
+    """A config file or override names a key that no configuration dataclass has."""

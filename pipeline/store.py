@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ctrak.config import OTHER_PROVENANCE, PROVENANCE
 from ctrak.kernel import gram
 from pipeline.config import StorageConfig
 from pipeline.errors import (
@@ -66,27 +67,8 @@ FORMAT = "ctrak-feature-store/1"
 KINDS = {"features", "gram", "rejects"}  # the files of a finished shard
 MARKER_FIELDS = {"shard", "source", "rows", "rejects", "files"}
 # where each provenance field is set, for the fix in a mismatch message
-SETTING = {
-    "model": "job.model",
-    "feature_dtype": "job.feature_dtype",
-    "method": "attribution.gradient.method",
-    "timesteps": "attribution.gradient.timesteps",
-    "params": "attribution.gradient.params",
-    "state": "attribution.gradient.state",
-    "normalize": "attribution.gradient.normalize",
-    "noise_seed": "attribution.gradient.noise_seed",
-    "inversion_steps": "attribution.inversion.num_steps",
-    "inversion_guidance": "attribution.inversion.guidance",
-    "projection_k": "attribution.projection.k",
-    "projection_seed": "attribution.projection.seed",
-    "projection_kind": "attribution.projection.kind",
-    "projection_path": "attribution.projection.path",
-    "projection_k_side": "attribution.projection.k_side",
-    "projection_dense_below": "attribution.projection.dense_below",
-    "param_layout": "job.model / attribution.gradient.params",
-    "num_params": "job.model / attribution.gradient.params",
-    "code_version": "the installed ctrak version",
-}
+# provenance key -> the setting that fixes it (named in a mismatch): one table, ctrak.config's
+SETTING = {key: setting for key, (setting, _) in PROVENANCE.items()} | OTHER_PROVENANCE
 
 
 def _plain(value: object) -> object:

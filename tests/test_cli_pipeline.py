@@ -20,7 +20,7 @@ from ctrak.model import DiffusionModel
 from ctrak.topk import topk
 from ctrak.toy.worlds import generate_world, read_samples
 from jobs.cli import main
-from jobs.config import load_config
+from pipeline.config_file import load_config
 from pipeline.featurize import images_to_tensor
 from pipeline.store import FeatureStore, table_features
 

@@ -12,9 +12,10 @@ import pytest
 
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError
+from ctrak.toy import DEFAULT_MODEL
 from jobs.cli import build_parser
-from jobs.config import UnknownConfigKeyError, with_overrides
-from jobs.demo import DEFAULT_MODEL
+from pipeline.config_file import with_overrides
+from pipeline.errors import UnknownConfigKeyError
 from pipeline.evaluation.synthetic_bench import (
     evaluate,
     markdown_table,

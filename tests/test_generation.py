@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 from ctrak.errors import ConceptNotInPromptError
-from ctrak.generation import generate_images
+from ctrak.generation import generate_images, to_uint8
 from ctrak.model import DiffusionModel
+from ctrak.toy import DEFAULT_MODEL
 from ctrak.toy.worlds import classify
 from jobs.cli import main
-from jobs.demo import DEFAULT_MODEL
-from jobs.generate import to_uint8
 
 
 def _colours(images) -> list[str | None]:

@@ -17,8 +17,9 @@ from PIL import Image
 from ctrak.errors import ConfigError
 from ctrak.kernel import scores
 from ctrak.topk import topk
-from jobs.config import UnknownConfigKeyError, load_config, parse_override
 from pipeline.config import StorageConfig
+from pipeline.config_file import load_config, parse_override
+from pipeline.errors import UnknownConfigKeyError
 from pipeline.ingest import ShardAssembler, split_records
 from pipeline.scan.scanner import gather, score_block, score_shard
 from pipeline.shards import decode_shard, list_shards

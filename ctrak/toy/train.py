@@ -130,12 +130,6 @@ def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[s
 
 
 # ---- sampling (ctrak.generation) ----------------------------------------------------------
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def evaluate_samples(
     model: DiffusionModel,
     world: str,
@@ -154,7 +148,7 @@ def evaluate_samples(
 
     combos = world_combos(world)
     prompts = [c.caption for c in combos for _ in range(per_combo)]
-    from ctrak.generation import generate_images
+    from ctrak.generation import generate_images, to_uint8
 
     drawn = generate_images(model, prompts, seed=seed, num_steps=steps, guidance=guidance)
     images = to_uint8(drawn)

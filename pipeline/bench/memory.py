@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ctrak.config import DEFAULT_TOP_K
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("files", nargs="+")
     query.add_argument("--k", type=int, required=True)
     query.add_argument("--queries", type=int, default=8)
-    query.add_argument("--top", type=int, default=10)
+    query.add_argument("--top", type=int, default=DEFAULT_TOP_K)
     query.add_argument(
         "--no-probe",
         dest="probe",
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from jobs.cli import quiet_libraries
+    from pipeline.quiet import quiet_libraries
 
     quiet_libraries()
     result = featurize_child(args) if args.what == "featurize" else query_child(args)

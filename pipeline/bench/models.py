@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TOY_ASSET = Path(__file__).resolve().parents[2] / "ctrak" / "assets" / "toy-paper"
+from ctrak.toy import DEFAULT_MODEL
+
+TOY_ASSET = DEFAULT_MODEL
 WORLD, SPLIT, WORLD_SEED = "paper", "train", 0
 
 

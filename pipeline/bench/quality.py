@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ctrak.attribution import Attributor, Query
-from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
+from ctrak.attribution import Attributor, Query, parameter_layout
+from ctrak.config import DEFAULT_TOP_K, AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.kernel import fit_kernel, gram, scores, solve
 from ctrak.model import DiffusionModel
 from ctrak.numerics import upcast
@@ -85,14 +85,14 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def topk_overlap(a: torch.Tensor, b: torch.Tensor, m: int = 10) -> float:
+def topk_overlap(a: torch.Tensor, b: torch.Tensor, m: int = DEFAULT_TOP_K) -> float:
     """|top-m(a) & top-m(b)| / m for (n,) scores."""
     m = min(m, a.shape[0])
     top_a = set(torch.topk(a, m).indices.tolist())
     return len(top_a & set(torch.topk(b, m).indices.tolist())) / m
 
 
-def precision_at(s: torch.Tensor, relevant: torch.Tensor, m: int = 10) -> float:
+def precision_at(s: torch.Tensor, relevant: torch.Tensor, m: int = DEFAULT_TOP_K) -> float:
     """Share of relevant rows among the top-m of scores s (n,)."""
     m = min(m, s.shape[0])
     return float(relevant[torch.topk(s, m).indices].float().mean())
@@ -116,14 +116,17 @@ def query_images(
 
 
 def _full_gradients(
-    attributor: Attributor,
+    model: DiffusionModel,
+    config: AttributionConfig,
     images: torch.Tensor,
     captions: list[str],
     queries: list[Query],
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Swap in the identity projection: (G (n, D), g (q, D)) summed full gradients."""
-    attributor.projector = IdentityProjector(attributor.projector.layout)
+    """`config`'s gradients through the identity projection: (G (n, D), g (q, D)) summed
+    full gradients."""
+    identity = IdentityProjector(parameter_layout(model, config))
+    attributor = Attributor(model, config, projector=identity)
     if images.shape[0]:
         G = attributor.featurize(images, captions, batch_size=batch_size)
     else:
@@ -176,9 +179,8 @@ def measure_quality(
     exact_config = AttributionConfig(
         gradient=GradientConfig(params=params), projection=ProjectionConfig(path="exact")
     )
-    exact = Attributor(model, exact_config)
-    layout = exact.projector.layout
-    G, g = _full_gradients(exact, images, captions, queries, batch_size)
+    layout = parameter_layout(model, exact_config)
+    G, g = _full_gradients(model, exact_config, images, captions, queries, batch_size)
     s_exact = exact_scores(G, g)
     clock["exact"] = time.perf_counter() - begin
     begin = time.perf_counter()
@@ -191,10 +193,10 @@ def measure_quality(
     # 3. naive reference settings: the speed run's rows, then the rest projected in one call
     #    (the same P: a linear map regenerated from the seed)
     begin = time.perf_counter()
-    naive = Attributor(model, naive_config(params, naive_k))
+    naive = naive_config(params, naive_k)
     h = naive_head.shape[0]
-    G, g = _full_gradients(naive, images[h:], captions[h:], queries, batch_size)
-    both = Projector(layout, naive_k, naive.config.projection.seed).project(torch.cat([G, g]))
+    G, g = _full_gradients(model, naive, images[h:], captions[h:], queries, batch_size)
+    both = Projector(layout, naive_k, naive.projection.seed).project(torch.cat([G, g]))
     rest, g_naive = both[: G.shape[0]], both[G.shape[0] :]
     s_naive = kernel_scores(torch.cat([naive_head.to(rest.dtype), rest]), g_naive)
     clock["naive"] = time.perf_counter() - begin

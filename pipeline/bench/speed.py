@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ctrak.attribution import Attributor
+from ctrak.attribution import Attributor, parameter_layout
 from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, ProjectionConfig
 from ctrak.errors import NumericsError
 from ctrak.inversion import trailing_grid
@@ -57,12 +57,10 @@ def naive_config(params: tuple[str, ...], k: int) -> AttributionConfig:
 
 def naive_attributor(model: DiffusionModel, params: tuple[str, ...], k: int) -> Attributor:
     """The naive reference: its dense projection is regenerated for every batch."""
-    attributor = Attributor(model, naive_config(params, k))
-    p = attributor.config.projection
-    attributor.projector = Projector(
-        attributor.projector.layout, p.k, p.seed, p.kind, cache_bytes=0
-    )
-    return attributor
+    config = naive_config(params, k)
+    p = config.projection
+    projector = Projector(parameter_layout(model, config), p.k, p.seed, p.kind, cache_bytes=0)
+    return Attributor(model, config, projector=projector)
 
 
 def analytic_fe(config: AttributionConfig, num_train_timesteps: int) -> dict[str, float]:

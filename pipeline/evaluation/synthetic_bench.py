@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from ctrak.attribution import Attributor, Query
-from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, QueryConfig
+from ctrak.config import (
+    DEFAULT_TOP_K,
+    AttributionConfig,
+    GradientConfig,
+    InversionConfig,
+    QueryConfig,
+)
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
@@ -212,7 +218,7 @@ def evaluate(
     guidance: float = 1.0,
     query_seed: int = 1000,
     combos: Sequence[str] | None = None,
-    top_k: int = 10,
+    top_k: int = DEFAULT_TOP_K,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Precision@top_k per (variant, scope, combination, target). Returns a JSON-able dict.
@@ -245,7 +251,6 @@ def evaluate(
                 num_draws=global_draws,
                 sample_guidance=guidance,
             )
-            attributor.config = replace(variant.config, query=query_cfg)
             for combo in world_combos(world):
                 if combos is not None and combo.caption not in combos:
                     continue
@@ -260,7 +265,9 @@ def evaluate(
                         ]
                     else:
                         batch = [Query(combo.caption, concept=value)]
-                    top = attributor.attribute(batch, features, kernel, top_k=top_k)
+                    top = attributor.attribute(
+                        batch, features, kernel, top_k=top_k, query_config=query_cfg
+                    )
                     precision = [
                         float(np.mean([labels[i][attr] == value for i in idx]))
                         for idx in top.indices.tolist()
@@ -277,7 +284,6 @@ def evaluate(
                             "queries": len(precision),
                         }
                     )
-            attributor.config = variant.config
         log(
             f"{variant.name}: {costs[variant.name]['s_per_sample']:.2f} s and "
             f"{costs[variant.name]['forwards_per_sample']:.0f} forwards per sample; "
@@ -311,7 +317,7 @@ def _mean(records, variant: str, scope: str, heldout: bool) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def markdown_table(result: dict, top_k: int = 10) -> str:
+def markdown_table(result: dict, top_k: int = DEFAULT_TOP_K) -> str:
     """The paper's layout: mean P@k per scenario (ID / OOD) per scope, then per concept."""
     records = result["records"]
     variants = list(dict.fromkeys(r["variant"] for r in records))
