@@ -27,9 +27,33 @@ State = Literal["inverted", "noised"]
 Scope = Literal["local", "global"]
 ProjectionKind = Literal["rademacher", "gaussian"]
 
-METHODS: tuple[str, ...] = ("concept-trak", "trak", "d-trak", "das")
 DEFAULT_TIMESTEPS: tuple[int, ...] = (99, 199, 299, 399, 499, 599, 699, 799, 899)
 DEFAULT_TOP_K = 10  # hits per query: the API's, the job config's and the commands' default
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """What a method fixes beyond its training loss (`ctrak.losses.TRAINING_LOSSES`): the
+    states x_t its gradients are taken at, whether each timestep's gradient is normalised
+    before the sum, and the query-side utility (docs/method.md, "Methods")."""
+
+    state: Literal["inverted", "noised"]
+    normalize: bool
+    utility: Literal["concept", "same"]
+
+
+# The four methods' presets: Concept-TRAK (DDIM-inverted states, unit norms, the concept
+# utility); TRAK and D-TRAK (forward-noised states with fixed shared noise, raw sums, their own
+# loss on the query); DAS (noised states, unit norms). Explicit settings override them.
+METHOD_PRESETS: dict[str, MethodPreset] = {
+    "concept-trak": MethodPreset(state="inverted", normalize=True, utility="concept"),
+    "trak": MethodPreset(state="noised", normalize=False, utility="same"),
+    "d-trak": MethodPreset(state="noised", normalize=False, utility="same"),
+    "das": MethodPreset(state="noised", normalize=True, utility="same"),
+}
+
+
+METHODS: tuple[str, ...] = tuple(METHOD_PRESETS)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -112,15 +136,15 @@ class GradientConfig:
 
     @property
     def resolved_state(self) -> State:
-        if self.state is not None:
-            return self.state
-        return "inverted" if self.method == "concept-trak" else "noised"
+        """`state`, else the method's preset."""
+        return self.state if self.state is not None else METHOD_PRESETS[self.method].state
 
     @property
     def resolved_normalize(self) -> bool:
+        """`normalize`, else the method's preset."""
         if self.normalize is not None:
             return self.normalize
-        return self.method in ("concept-trak", "das")
+        return METHOD_PRESETS[self.method].normalize
 
 
 @dataclass(frozen=True)
@@ -175,9 +199,16 @@ class AttributionConfig:
 
     @property
     def utility(self) -> Literal["concept", "same"]:
+        """`query.utility`, else the method's preset."""
         if self.query.utility is not None:
             return self.query.utility
-        return "concept" if self.gradient.method == "concept-trak" else "same"
+        return METHOD_PRESETS[self.gradient.method].utility
+
+    @classmethod
+    def for_method(cls, method: Method, **gradient: object) -> AttributionConfig:
+        """The project's defaults for `method` (its preset resolves state, normalisation and
+        utility), with `gradient` overrides on GradientConfig."""
+        return cls(gradient=GradientConfig(method=method, **gradient))
 
     def provenance(self) -> dict[str, object]:
         """The settings a stored feature depends on (query settings excluded): the

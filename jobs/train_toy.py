@@ -93,7 +93,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ctrak.toy.train import sample_grid, score_line, train
+    from ctrak.toy.samples import sample_grid, score_line
+    from ctrak.toy.train import train
 
     if args.grid_only:
         if not args.world:

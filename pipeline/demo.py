@@ -73,7 +73,7 @@ def run_demo(
     from ctrak.config import AttributionConfig, GradientConfig
     from ctrak.model import DiffusionModel
     from ctrak.toy.tiny import build_tiny_model
-    from ctrak.toy.worlds import generate_world
+    from ctrak.toy.world_shards import generate_world
     from pipeline.cluster import ray_session
     from pipeline.config import JobConfig, PipelineConfig, RayConfig
     from pipeline.ingest import ingest

@@ -18,11 +18,12 @@ from ctrak.attribution import Attributor, Query
 from ctrak.kernel import fit_kernel, gram, scores, solve
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
-from ctrak.toy.worlds import generate_world, read_samples
+from ctrak.toy.world_shards import generate_world, read_samples
 from jobs.cli import main
 from pipeline.config_file import load_config
+from pipeline.feature_file import table_features
 from pipeline.featurize import images_to_tensor
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 SETTINGS = [
     "attribution.projection.k=32",

@@ -29,16 +29,17 @@ import pytest
 import torch
 
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
-from ctrak.toy.worlds import generate_world
+from ctrak.toy.world_shards import generate_world
 from jobs.cli import main
 from pipeline.cluster import ray_session
 from pipeline.config import JobConfig, PipelineConfig, RayConfig, StorageConfig
 from pipeline.errors import StorageUnavailableError
+from pipeline.feature_file import table_features
 from pipeline.fisher import current_kernel
 from pipeline.ingest import ingest
 from pipeline.shards import decode_shard
 from pipeline.storage import Retry
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTION = AttributionConfig(

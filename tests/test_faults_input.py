@@ -28,12 +28,13 @@ from PIL import Image
 
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.kernel import gram
-from ctrak.toy.worlds import generate_world, read_samples
+from ctrak.toy.world_shards import generate_world, read_samples
 from jobs.cli import main
+from pipeline.feature_file import table_features
 from pipeline.featurize import REJECT_NUMERICS, Featurizer, describe_model
 from pipeline.fisher import current_kernel
 from pipeline.ingest import ShardAssembler, split_records
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 ATTRIBUTION = AttributionConfig(
     gradient=GradientConfig(timesteps=(499, 899)), projection=ProjectionConfig(k=32)

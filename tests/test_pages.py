@@ -15,9 +15,9 @@ import torch
 
 from ctrak.kernel import scores
 from ctrak.topk import topk
+from pipeline.feature_file import ALIGN, PAD_COLUMN, feature_table, parquet_bytes, table_features
 from pipeline.scan.pages import column_views
 from pipeline.scan.scanner import Floor, gather, score_file, score_files
-from pipeline.store import ALIGN, PAD_COLUMN, feature_table, parquet_bytes, table_features
 
 
 def _columns(shard: str, n: int, start: int = 0) -> dict:

@@ -16,16 +16,17 @@ from ctrak.attribution import Attributor, Query
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.kernel import gram
 from ctrak.model import DiffusionModel
-from ctrak.toy.worlds import generate_world, read_samples
+from ctrak.toy.world_shards import generate_world, read_samples
 from pipeline.cluster import named_errors, ray_session
 from pipeline.config import JobConfig, PipelineConfig, RayConfig
 from pipeline.errors import ProvenanceMismatchError
+from pipeline.feature_file import table_features
 from pipeline.featurize import images_to_tensor
 from pipeline.fisher import current_kernel
 from pipeline.ingest import build_dataset, ingest
 from pipeline.query import QuerySpec, run_queries
 from pipeline.shards import list_shards
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 ATTRIBUTION = AttributionConfig(
     gradient=GradientConfig(timesteps=(499, 899)), projection=ProjectionConfig(k=32)

@@ -20,10 +20,10 @@ from ctrak.topk import topk
 from pipeline.config import StorageConfig
 from pipeline.config_file import load_config, parse_override
 from pipeline.errors import UnknownConfigKeyError
+from pipeline.feature_file import feature_table
 from pipeline.ingest import ShardAssembler, split_records
 from pipeline.scan.scanner import gather, score_block, score_shard
 from pipeline.shards import decode_shard, list_shards
-from pipeline.store import feature_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 

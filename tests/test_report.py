@@ -15,18 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctrak.toy.worlds import generate_world, read_samples, render, sample_row
+from ctrak.toy.world_shards import generate_world, read_samples
+from ctrak.toy.worlds import render, sample_row
 from jobs.cli import main
 from pipeline.errors import StorageError
 from pipeline.images import data_sources, fetch_images
-from pipeline.report.render import (
-    MethodHits,
-    ReportHit,
-    Section,
-    precision_at_k,
-    relevance,
-    render_report,
-)
+from pipeline.report.render import render_report
+from pipeline.report.sections import MethodHits, ReportHit, Section, precision_at_k, relevance
 
 EVIL = '<script>alert("x")</script> & <b>bold</b>'
 

@@ -25,7 +25,7 @@ from services import free_s3_port
 
 from ctrak.errors import ModelLoadError
 from ctrak.model import DiffusionModel
-from ctrak.toy.worlds import generate_world
+from ctrak.toy.world_shards import generate_world
 from jobs.cli import main
 from pipeline.config import StorageConfig
 from pipeline.dev.s3server import ports
@@ -75,7 +75,7 @@ UNSAFE = {
     "np.load(allow_pickle=True)": re.compile(r"allow_pickle\s*=\s*True"),
     "tar extraction to disk": re.compile(r"\.extractall\(|\.extract\("),
 }
-KNOWN = {"ctrak/toy/train.py"}  # resume checkpoint: torch.load(weights_only=False), reported
+KNOWN = {"ctrak/toy/parts.py"}  # resume checkpoint: torch.load(weights_only=False), reported
 
 
 def test_no_code_path_unpickles_or_extracts():

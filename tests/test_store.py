@@ -20,18 +20,12 @@ from pipeline.errors import (
     StoreCorruptError,
     StoreNotFoundError,
 )
+from pipeline.feature_file import feature_table, feature_view, parquet_batches, table_features
 from pipeline.fisher import current_kernel, fisher_info, update_fisher
 from pipeline.scan.scanner import score_block
 from pipeline.shards import ShardRef
 from pipeline.storage import write_atomic
-from pipeline.store import (
-    FeatureStore,
-    check_provenance,
-    feature_table,
-    feature_view,
-    parquet_batches,
-    table_features,
-)
+from pipeline.store import FeatureStore, check_provenance
 
 K = 8
 PROVENANCE = {"model": "abc", "method": "concept-trak", "projection_k": K, "projection_seed": 0}

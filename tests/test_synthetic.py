@@ -14,12 +14,11 @@ import pytest
 
 from ctrak.errors import ConfigError
 from ctrak.toy.tiny import DEFAULT_WORDS
+from ctrak.toy.world_shards import generate_world, read_samples
 from ctrak.toy.worlds import (
     PALETTE,
     WORLDS,
     classify,
-    generate_world,
-    read_samples,
     render,
     sample_row,
     split_combos,

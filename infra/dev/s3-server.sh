@@ -8,7 +8,7 @@
 #
 #   export AWS_ENDPOINT_URL_S3=http://127.0.0.1:8333 AWS_REGION=us-east-1
 #   export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...     # the same two values
-#   .venv/bin/python -m ctrak.toy.worlds paper s3://ctrak/paper --num-images 240
+#   .venv/bin/python -m ctrak.toy.world_shards paper s3://ctrak/paper --num-images 240
 #   .venv/bin/ctrak featurize --config jobs/configs/dev-local.toml \
 #       job.data=s3://ctrak/paper job.store=s3://ctrak/stores/paper
 set -euo pipefail

@@ -63,7 +63,7 @@ def _columns(shard: str, n: int) -> dict:
 def write_store(root: Path, rows: int, k: int, file_rows: int, seed: int = 0) -> dict[str, object]:
     """Write a synthetic store of `rows` x `k` in pipeline.store's layout and writer
     (`feature_table` + `parquet_bytes`) -> {files, rows, k, bytes_on_disk, seconds}."""
-    from pipeline.store import feature_table, parquet_bytes
+    from pipeline.feature_file import feature_table, parquet_bytes
 
     begin = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def check_exact(files: list[str], x: np.ndarray, top: int) -> float:
     (`ctrak.kernel.scores` + `ctrak.topk.topk`) -> the fraction of top rows that agree."""
     import pyarrow.parquet as pq
 
-    from pipeline.store import table_features
+    from pipeline.feature_file import table_features
 
     phi = torch.from_numpy(table_features(pq.read_table(files[0])))  # (n, k) float16
     exact = topk(scores(phi, torch.from_numpy(x)), top)  # rows in file order

@@ -31,7 +31,8 @@ from ctrak.config import (
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
 from ctrak.model import DiffusionModel
-from ctrak.toy.worlds import classify, generate_world, read_samples, world_combos
+from ctrak.toy.world_shards import generate_world, read_samples
+from ctrak.toy.worlds import classify, world_combos
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,7 @@ class Variant:
 
 def method_variants(methods: Sequence[str], **overrides) -> list[Variant]:
     """One Variant per method with the project's defaults (plus `overrides` on GradientConfig)."""
-    return [
-        Variant(m, AttributionConfig(gradient=GradientConfig(method=m, **overrides)))
-        for m in methods
-    ]
+    return [Variant(m, AttributionConfig.for_method(m, **overrides)) for m in methods]
 
 
 def ablation_variants() -> list[Variant]:

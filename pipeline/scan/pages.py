@@ -1,9 +1,10 @@
 """Zero-copy views of a feature file's `feature` column, straight from its Parquet pages.
 
 The store writes `feature` as a required fixed_size_binary column, PLAIN and uncompressed
-(`store.parquet_bytes`): every data page then holds its rows' float16 bytes back to back after
-a small Thrift header, exactly the (rows, k) array the scan wants. Decoding it through Arrow
-copies all of it once more; reading the page headers and viewing the bytes in place does not.
+(`pipeline.feature_file.parquet_bytes`): every data page then holds its rows' float16 bytes
+back to back after a small Thrift header, exactly the (rows, k) array the scan wants.
+Decoding it through Arrow copies all of it once more; reading the page headers and viewing the
+bytes in place does not.
 
 `column_views` walks a column chunk's pages (Parquet format: each page is a Thrift
 compact-protocol PageHeader followed by its body) and returns None - the caller decodes through

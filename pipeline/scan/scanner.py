@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 
 from ctrak.errors import ConfigError
+from pipeline.feature_file import feature_norms, feature_view, parquet_batches
 from pipeline.scan.pages import column_views
 from pipeline.scan.screen import exact_topk
-from pipeline.store import feature_norms, feature_view, parquet_batches
 
 ROW_BITS = 32  # global id = shard_index << 32 | row
 HIT_COLUMNS = ("key", "shard", "row", "caption", "metadata")
