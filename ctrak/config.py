@@ -3,13 +3,13 @@
 Configs are read by the orchestration code (`ctrak.attribution`, `pipeline/`, `jobs/`); the math
 functions take plain tensors and numbers. Defaults are the project's choices, recorded here once:
 
-- gradient timesteps 99, 199, ..., 899 (METHOD.md section 2: every 5th state of a 50-step grid,
+- gradient timesteps 99, 199, ..., 899 (docs/method.md eq. 4: every 5th state of a 50-step grid,
   the pure-noise state dropped);
 - DDIM inversion on a 10-step trailing grid, no guidance (cheapest grid holding those timesteps;
   the benchmark issue's ablation revisits it);
 - attributed parameters: the UNet's cross-attention ("attn2"), where the prompt enters - the
   paper's choice for Stable Diffusion, and on the toy benchmark better than all parameters
-  (held-out P@10 0.60 vs 0.45 on the dev queries; README "Evaluation"); () = all;
+  (docs/experiments.md); () = all;
 - k = 1024, Rademacher projection (2 KB per sample in float16);
 - damping ratio r = 1: lambda = r * 0.1 * trace(K) / k, fixed, never tuned per query.
 """

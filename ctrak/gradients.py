@@ -1,4 +1,4 @@
-"""Per-sample parameter gradients, per-timestep normalisation (METHOD.md section 2, step 3).
+"""Per-sample parameter gradients, per-timestep normalisation (docs/method.md eqs. 7-8).
 
 `per_sample_grads` is the exact reference path: torch.func.vmap over samples of
 torch.func.grad of `objective(eps_theta(x_t), target)` w.r.t. the selected parameters. It

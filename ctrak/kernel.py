@@ -1,4 +1,4 @@
-"""The damped Fisher kernel and the influence score (METHOD.md section 1).
+"""The damped Fisher kernel and the influence score (docs/method.md eqs. 1-3).
 
 K = Phi^T Phi = sum_s Phi_s^T Phi_s               (additive over shards, float64)
 lambda = r * 0.1 * trace(K) / k                   (one fixed r, never tuned per query)

@@ -1,4 +1,4 @@
-"""Loss functions, one per method, in plain registries (METHOD.md sections 2-4).
+"""Loss functions, one per method, in plain registries (docs/method.md eqs. 5-7, 11-12, section 5).
 
 Every loss is written as `objective(eps_theta(x_t), target)` with a detached target, so its
 parameter gradient is a vector-Jacobian product of the network output alone:

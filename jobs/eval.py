@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         type=int,
         default=32,
         help="model draws averaged per global-scope query (a Monte Carlo mean; the paper used "
-        "256; toy-paper's global OOD P@10 was 0.80 with 8 draws, 0.95 with 32: README)",
+        "256; 8 vs 32 on toy-paper: docs/experiments.md)",
     )
     parser.add_argument(
         "--guidance",

@@ -70,8 +70,7 @@ def register(subparsers) -> None:
         "--threads",
         type=int,
         default=2,
-        help="torch threads; use 1 when other processes share the cores (2 threads on 2 busy "
-        "cores measured 10x slower)",
+        help="torch threads; use 1 when other processes share the cores (docs/experiments.md)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     parser.add_argument("--eval-per-combo", type=int, default=8, help="samples per combo")
@@ -80,7 +79,7 @@ def register(subparsers) -> None:
         "--guidance",
         type=float,
         default=1.0,
-        help="CFG weight for sample grids (toy-paper: 1 drew the held-out combo best, 3-4 worse)",
+        help="CFG weight for sample grids (toy-paper composes its held-out combination at 1)",
     )
     parser.add_argument("--grid", help="also copy the final sample grid here (PNG)")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """The featurize stage: a Ray Data callable class running the Concept-TRAK engine.
 
-    phi_i = P^T sum_t normalise(grad_theta L_DPS(z_i; x_t))        (METHOD.md section 2)
+    phi_i = P^T sum_t normalise(grad_theta L_DPS(z_i; x_t))        (docs/method.md eq. 8)
 
 `__init__` loads the model and builds the `Attributor` once per actor, and refuses to run
 when its model or settings differ from the store's (a worker with another copy of the model

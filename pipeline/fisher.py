@@ -1,7 +1,7 @@
 """The store's Fisher: merge the per-shard partial Grams, factorise with damping, store.
 
     K = sum_s Phi_s^T Phi_s            (shards in sorted id order, float64)
-    lambda = r * 0.1 * trace(K) / k,   L = chol(K + lambda I)        (METHOD.md section 1)
+    lambda = r * 0.1 * trace(K) / k,   L = chol(K + lambda I)        (docs/method.md eqs. 2-3)
 
 Home of the Fisher artifact:
 

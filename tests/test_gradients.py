@@ -80,7 +80,7 @@ def test_dps_direction_matches_finite_differences(pixel_model64):
 
 
 def test_dps_gradient_is_twice_the_vjp_with_v(pixel_model64):
-    """grad_theta ||sg[eps - v] - eps||^2 = 2 J^T v (METHOD.md section 2)."""
+    """grad_theta ||sg[eps - v] - eps||^2 = 2 J^T v (docs/method.md eq. 7)."""
     model = pixel_model64
     params = model.attributed_parameters(("attn2",))
     inp = _inputs(model, batch=2)

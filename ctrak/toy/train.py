@@ -10,7 +10,7 @@ Target: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 by default (Salimans & Ho 202
 into the scheduler config so `DiffusionModel.eps` converts it back to eps. With the pixel
 schedule squaredcos_cap_v2, abar_999 ~ 2e-9: an eps-network must output x_t to ~1e-4 there,
 else x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is garbage that the first DDIM step
-bakes in (measured: an eps model at loss 0.027 sampled saturated colour noise). v keeps
+bakes in (docs/experiments.md, "Notes moved from docstrings"). v keeps
 x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v well conditioned at every t (Lin et al. 2024).
 `--prediction epsilon` trains the plain eps target. Text encoder modes:
 

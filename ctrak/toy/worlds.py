@@ -1,6 +1,6 @@
 """Synthetic concept worlds: one coloured shape on white, as img2dataset WebDataset shards.
 
-The paper's Synthetic benchmark (METHOD.md section 5) is a shape x colour world with one
+The paper's Synthetic benchmark (docs/method.md section 6) is a shape x colour world with one
 combination held out of training; a model that draws the held-out combination anyway has
 composed "red" and "triangle", and attribution asks which training images taught it which
 attribute. Two worlds:
@@ -207,7 +207,7 @@ def classify(image: np.ndarray, world: World) -> tuple[str | None, str | None]:
     removed. Colour: nearest palette colour to the median of saturated foreground pixels.
     Shape: a triangle when the top third is much narrower than the bottom third, else the
     world's shape whose template, stretched to the foreground's bounding box, overlaps it
-    best (IoU >= 0.6). A filter for generated query images (METHOD.md section 7).
+    best (IoU >= 0.6). A filter for generated query images (docs/method.md section 6).
     """
     spec = _world(world)
     rgb = image.astype(np.float32)

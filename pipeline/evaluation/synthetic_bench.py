@@ -1,4 +1,4 @@
-"""Precision@10 on a synthetic concept world where the answer is known (METHOD.md section 5).
+"""Precision@10 on a synthetic concept world where the answer is known (docs/method.md eq. 14).
 
 For every combination of the world (in-distribution and held out) and each of its attributes
 as the target concept, a query is the combination's prompt with that concept; a training
@@ -49,7 +49,7 @@ def method_variants(methods: Sequence[str], **overrides) -> list[Variant]:
 
 
 def ablation_variants() -> list[Variant]:
-    """The paper's ablation (METHOD.md section 5), one component added per step:
+    """The paper's ablation (docs/method.md section 5), one component added per step:
     denoising loss -> + concept utility -> + DPS training loss -> + DDIM inversion ->
     + per-timestep normalisation (= Concept-TRAK)."""
 
