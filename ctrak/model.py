@@ -99,7 +99,13 @@ class DiffusionModel:
                         "load from .safetensors files only (pickle .bin/.pt files are refused); "
                         "convert them with safetensors or save the model with save_pretrained"
                     ) from None
-                parts[name] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+                # diffusers components are loaded in `dtype` (torch_dtype above): cast only the
+                # others, so diffusers keeps the modules it wants in float32 (and says nothing)
+                if index[name][0] == "diffusers":
+                    module = module.to(device=device)
+                else:
+                    module = module.to(device=device, dtype=dtype)
+                parts[name] = module.eval().requires_grad_(False)
         tokenizer = _component_class(index, "tokenizer", path).from_pretrained(path / "tokenizer")
         from diffusers import DDPMScheduler
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
+from pipeline.cluster import cluster_has_gpus, named_errors, progress_bars, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import RejectBudgetError
 from pipeline.faults import actor_env, driver_kill
@@ -199,7 +199,8 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
 
         k = config.attribution.projection.k
         assembler = ShardAssembler()
-        bar = tqdm(total=len(pending), unit="shard", desc="shards written", disable=not progress)
+        bars = progress_bars(progress)
+        bar = tqdm(total=len(pending), unit="shard", desc="shards written", disable=not bars)
         t0 = time.perf_counter()
         ds = build_dataset(pending, config, storage, described)
         with named_errors():
@@ -216,6 +217,15 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
                         summary.reasons[r["reason"]] = summary.reasons.get(r["reason"], 0) + 1
                     if rejects:
                         log.warning("shard %s: %d row(s) rejected", shard, len(rejects))
+                    if progress and not bars:  # a line per shard where bars cannot draw
+                        log.info(
+                            "shard %s written (%d/%d): %d rows, %d rejected",
+                            shard,
+                            summary.written,
+                            len(pending),
+                            len(features),
+                            len(rejects),
+                        )
                     bar.update(1)
                     bar.set_postfix(rows=summary.rows, rejected=summary.rejected)
                     driver_kill(summary.written)  # fault injection (tests); no-op unset
