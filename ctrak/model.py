@@ -38,10 +38,15 @@ def _component_class(index: dict, name: str, path: Path) -> type:
     return getattr(module, class_name)
 
 
+DOCUMENT_SUFFIXES = (".md", ".png", ".jpg")  # notes beside a model: not part of what it computes
+
+
 def _fingerprint(path: Path) -> str:
-    """sha256 over every config and weight file of the directory, in sorted order."""
+    """sha256 over every config and weight file of the directory, in sorted order (notes such
+    as TRAINING.md are left out: editing them does not change the model)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    files = (p for p in path.rglob("*") if p.is_file() and p.suffix not in DOCUMENT_SUFFIXES)
+    for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Subcommand modules, in the order `ctrak --help` lists them. A module that is absent in this
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctrak",
         description="Concept-level training-data attribution for diffusion models (Concept-TRAK).",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let every library message through (Ray, Ray Data progress, diffusers)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in JOB_MODULES:
         try:
@@ -49,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from ctrak.errors import CtrakError
     from pipeline.quiet import quiet_libraries
 
-    quiet_libraries()
+    if args.verbose:
+        os.environ["CTRAK_VERBOSE"] = "1"  # read by pipeline.cluster (Ray's own messages)
+    else:
+        quiet_libraries()
 
     try:
         return int(args.func(args) or 0)

@@ -1,8 +1,9 @@
 """`ctrak demo`: the production pipeline end to end on the shipped toy model, no server needed.
 
 The steps are `pipeline.demo.run_demo`'s (its module doc): shards of the toy model's own
-training set, held-out query images, featurize -> Fisher -> query per method on a local Ray
-cluster, the top-10 tables with Precision@10 and report.html (+ report.png).
+training set; per method the shipped feature store with a few shards featurized live
+(reindex: featurize -> Fisher) on a local Ray cluster; the held-out query "a red triangle"
+per target concept; the top-10 tables with Precision@10 and report.html (+ report.png).
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="diffusers model directory")
     parser.add_argument("--work", default="runs/demo", help="folder for data, stores, report")
-    parser.add_argument("--num-train", type=int, default=160, help="training images attributed")
-    parser.add_argument("--shard-size", type=int, default=40, help="images per input shard")
-    parser.add_argument("--num-queries", type=int, default=2, help="query images")
+    parser.add_argument(
+        "--live-shards", type=int, default=2, help="shards of 40 images featurized live"
+    )
+    parser.add_argument(
+        "--num-train",
+        type=int,
+        default=160,
+        help="training images featurized live for a model without shipped stores",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=("global", "local"),
+        default="global",
+        help="global: the model's own draws of the prompt; local: generated query images",
+    )
+    parser.add_argument("--num-queries", type=int, default=2, help="query images (local scope)")
     parser.add_argument("--prompt", default="a red triangle", help="query prompt")
     parser.add_argument("--concepts", default="triangle,red", help="comma-separated targets")
     parser.add_argument("--methods", default="concept-trak,trak", help="comma-separated methods")
@@ -44,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(
         args.model,
         args.work,
+        live_shards=args.live_shards,
         num_train=args.num_train,
-        shard_size=args.shard_size,
+        scope=args.scope,
         num_queries=args.num_queries,
         prompt=args.prompt,
         concepts=[c.strip() for c in args.concepts.split(",") if c.strip()],

@@ -28,8 +28,9 @@ import torch
 from ctrak.kernel import gram
 from pipeline.config import StorageConfig
 from pipeline.errors import StoreCorruptError, StoreNotFoundError
+from pipeline.feature_file import table_features
 from pipeline.storage import sha256
-from pipeline.store import FeatureStore, ShardEntry, table_features
+from pipeline.store import FeatureStore, ShardEntry
 
 BUNDLE_FORMAT = "ctrak-store-bundle/1"
 KEPT = ("features", "rejects")  # per-shard files a bundle carries; the Gram is recomputed

@@ -142,6 +142,8 @@ def configure_data(progress: bool) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress_bars(progress)
+    if not verbose():  # Ray Data's "execution finished in N seconds" per dataset
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ctx.enable_progress_bars and not verbose():
         # without bars Ray Data announces that they are off, or logs a progress block every
         # few seconds between the job's own lines: the job reports per shard instead

@@ -12,9 +12,10 @@ import torch
 
 from pipeline.bundle import pack_store, unpack_store
 from pipeline.errors import StoreCorruptError, StoreNotFoundError
+from pipeline.feature_file import table_features
 from pipeline.fisher import current_kernel, update_fisher
 from pipeline.shards import ShardRef
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 K = 8
 PROVENANCE = {"model": "abc", "method": "concept-trak", "projection_k": K, "projection_seed": 0}

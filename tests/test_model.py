@@ -82,3 +82,25 @@ def test_missing_component_is_named(tmp_path, pixel_model_dir):
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="text_encoder"):
         DiffusionModel.load(broken)
+
+
+def test_fingerprint_covers_configs_and_weights_not_notes(pixel_model_dir, tmp_path):
+    import shutil
+
+    from ctrak.model import _fingerprint
+
+    copy = tmp_path / "model"
+    shutil.copytree(pixel_model_dir, copy)
+    before = _fingerprint(copy)
+    (copy / "TRAINING.md").write_text("how this checkpoint was made, edited\n")
+    assert _fingerprint(copy) == before  # a note beside the model changes nothing it computes
+    config = copy / "unet" / "config.json"
+    body = json.loads(config.read_text())
+    body["_note"] = "changed"
+    config.write_text(json.dumps(body))
+    assert _fingerprint(copy) != before
+    weights = next((copy / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert _fingerprint(copy) not in (before, _fingerprint(pixel_model_dir))
