@@ -46,7 +46,9 @@ def test_shipped_stores_match_the_shipped_model_and_the_defaults(method):
 
 def test_demo_runs_end_to_end_quietly(tmp_path):
     out = tmp_path / "demo.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CTRAK_VERBOSE")}
+    # as a user runs it: no cluster address, Ray's own auth default, not verbose
+    unset = ("RAY_ADDRESS", "RAY_AUTH_MODE", "CTRAK_VERBOSE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     run = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "demo", "--live-shards", "1", "--methods",
          "concept-trak", "--scope", "local", "--num-queries", "1", "--work",
