@@ -37,6 +37,7 @@ from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs, dps_loss
 from ctrak.model import DiffusionModel
 from ctrak.projection import Projector
 from ctrak.seeds import generator
+from ctrak.tokens import check_query_text
 from ctrak.topk import TopK, topk
 
 
@@ -283,6 +284,7 @@ class Attributor:
         cfg = self._with_query(query_config)
         q = cfg.query
         negative_text = resolve_negative(query.prompt, query.concept, query.negative)
+        check_query_text(self.model, query.prompt, query.concept, negative_text)
         if q.scope == "local":
             if query.image is None:
                 raise ConfigError("local scope needs a query image; pass image=... or scope=global")

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ctrak.errors import ConfigError
     from ctrak.generation import generate_images, to_uint8
     from ctrak.model import DiffusionModel
+    from ctrak.tokens import check_query_text
 
     if args.num < 1:
         raise ConfigError(f"--num {args.num} must be >= 1")
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.concept is not None:
         negative = resolve_negative(args.prompt, args.concept, None)
     model = DiffusionModel.load(args.model)
+    check_query_text(model, args.prompt, args.concept, negative or "")
     images = generate_images(
         model,
         [args.prompt] * args.num,

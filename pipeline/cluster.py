@@ -177,7 +177,8 @@ def unwrap(err: BaseException) -> BaseException:
     seen: set[int] = set()
     node: BaseException | None = err
     while node is not None and id(node) not in seen:
-        if isinstance(node, CtrakError):
+        # a RayTaskError(NamedError) is an instance of both: its `cause` is the plain one
+        if isinstance(node, CtrakError) and not type(node).__module__.startswith("ray."):
             return node
         seen.add(id(node))
         node = getattr(node, "cause", None) or node.__cause__ or node.__context__

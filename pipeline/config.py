@@ -29,7 +29,10 @@ class JobConfig:
     prefix of the feature store; `model`: a local diffusers directory on every worker.
     `actors`: fixed featurize pool size (one GPU each when the cluster has GPUs);
     `max_reject_fraction`: the error budget, rejected rows / all rows of the store, checked
-    once a job has written every shard (a run over it exits non-zero; nothing is dropped)."""
+    once a job has written every shard (a run over it exits non-zero; nothing is dropped);
+    `max_caption_bytes`: a longer caption rejects its row (never cut): 16 KiB is 30x what a
+    77-token text encoder reads, so no usable caption is refused, and one row cannot bloat a
+    feature shard (the 5 MB caption found by hand)."""
 
     data: str = ""
     store: str = ""
@@ -39,9 +42,10 @@ class JobConfig:
     feature_dtype: FeatureDtype = "float16"
     max_reject_fraction: float = 0.01
     top_k: int = DEFAULT_TOP_K
+    max_caption_bytes: int = 16384
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "actors", "top_k"):
+        for name in ("batch_size", "actors", "top_k", "max_caption_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"job.{name}={value!r} must be a positive integer")

@@ -48,3 +48,21 @@ class StorageUnavailableError(StorageError):
 
 class UnknownConfigKeyError(ConfigError):
     """A config file or override names a key that no configuration dataclass has."""
+
+
+class StoreNotWritableError(StorageError):
+    """The store cannot be written (read-only file system, no permission): found before any
+    work by a probe write; the message names the path."""
+
+
+class StoreWriteError(StorageError):
+    """A write to the store failed (no space left, quota, I/O error); the message names the
+    path and, for a full disk, how much space the job still needs. Finished shards are kept."""
+
+    def __init__(self, message: str, path: str = "", errno: int = 0, size: int = 0) -> None:
+        super().__init__(message)
+        self.path, self.errno, self.size = path, errno, size
+
+
+class StoreLockedError(StorageError):
+    """Another writer (featurize/reindex) holds the store's lease; the message names it."""

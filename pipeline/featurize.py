@@ -24,7 +24,7 @@ from ctrak.model import DiffusionModel
 from pipeline.faults import actor_exit, poison
 from pipeline.store import check_provenance
 
-PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count")
+PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count", "declared")
 REJECT_NUMERICS = "non-finite or zero-norm gradient"
 
 
@@ -69,7 +69,7 @@ class Featurizer:
             feature[good] = phi.detach().cpu().numpy()
             reason[good[~ok.cpu().numpy()]] = REJECT_NUMERICS
         return {
-            **{name: batch[name] for name in PASS_THROUGH},
+            **{name: batch[name] for name in PASS_THROUGH if name in batch},
             "reason": reason,
             "feature": feature,
         }

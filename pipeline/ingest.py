@@ -29,11 +29,13 @@ import numpy as np
 
 from pipeline.cluster import cluster_has_gpus, named_errors, progress_bars, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
-from pipeline.errors import RejectBudgetError
+from pipeline.errors import RejectBudgetError, StoreWriteError
 from pipeline.faults import actor_env, driver_kill
 from pipeline.featurize import Featurizer, describe_model
 from pipeline.fisher import update_fisher
-from pipeline.shards import ShardRef, decode_shard, list_shards
+from pipeline.guards import check_writable, explain_write_error, shard_bytes
+from pipeline.integrity import check_count, report_duplicates
+from pipeline.shards import DECODE, ShardRef, decode_shard, list_shards
 from pipeline.store import FeatureStore, check_settings
 
 log = logging.getLogger("ctrak.ingest")
@@ -52,6 +54,7 @@ class IngestSummary:
     store_rows: int = 0  # featurized rows in the store after this run
     store_rejected: int = 0  # rejected rows in the store after this run
     fisher_grams_added: int = 0
+    duplicate_keys: int = 0  # keys in more than one shard (<store>/reports/duplicate-keys.json)
     seconds: float = 0.0  # whole job
     featurize_seconds: float = 0.0  # from the first shard read to the last shard written
 
@@ -81,6 +84,7 @@ class ShardAssembler:
     def __init__(self) -> None:
         self.records: dict[str, dict[int, Record]] = {}
         self.counts: dict[str, int] = {}  # shard -> its number of sample records
+        self.declared: dict[str, int] = {}  # shard -> the count its manifest declares
 
     def add(self, batch: dict[str, np.ndarray]) -> list[tuple[str, list[Record]]]:
         """Add a batch; return [(shard, records sorted by row)] of the completed shards."""
@@ -90,6 +94,8 @@ class ShardAssembler:
             touched.add(shard)
             if row < 0:  # the end record
                 self.counts[shard] = int(batch["count"][i])
+                if "declared" in batch:
+                    self.declared[shard] = int(batch["declared"][i])
                 continue
             self.records.setdefault(shard, {})[row] = Record(
                 row,
@@ -100,8 +106,10 @@ class ShardAssembler:
         for shard in sorted(touched):
             got = self.records.get(shard, {})
             if shard in self.counts and len(got) == self.counts[shard]:
-                del self.counts[shard]
-                done.append((shard, [got[r] for r in sorted(got)]))
+                count = self.counts.pop(shard)
+                records = [got[r] for r in sorted(got)]
+                declared = self.declared.pop(shard, -1)
+                done.append((shard, check_count(shard, records, count, declared, Record)))
                 self.records.pop(shard, None)
         return done
 
@@ -124,12 +132,16 @@ def build_dataset(
     import ray
 
     job = config.job
-    items = [{"shard": s.id, "uri": s.uri} for s in pending]
+    items = [{"shard": s.id, "uri": s.uri, "manifest": s.manifest} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one task per shard
     ds = ds.map_batches(
         decode_shard,
         batch_size=1,
-        fn_kwargs={"storage": storage, "image_size": described["image_size"]},
+        fn_kwargs={
+            "storage": storage,
+            "image_size": described["image_size"],
+            "max_caption_bytes": job.max_caption_bytes,
+        },
         num_cpus=1,
         # a memory reservation unlike the actor stage's: Ray fuses map stages only when
         # their resources agree, so this keeps decoding out of the (GPU) actors
@@ -177,11 +189,12 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
     store = FeatureStore(job.store, storage)
     if not create or store.exists():  # refuse another store before any model is loaded
         check_settings(store.metadata()["provenance"], config.attribution.provenance())
+    check_writable(store)  # a read-only store fails here, before any work
     # 1. the shards of the data URI
     shards = {s.id: s for s in list_shards(job.data, storage)}
     # 2. what this model and these settings make; refuse a store made otherwise
     described = remote_call(describe_model, job.model, config.attribution)
-    store.open(described["provenance"], job.feature_dtype, create=create)
+    store.open(described["provenance"], job.feature_dtype, create=create, decode=DECODE)
     # 3. the shards without a done-marker in the store
     entries = store.entries()  # {id: ShardEntry} of the finished shards
     pending = [s for s in shards.values() if s.id not in entries]
@@ -207,9 +220,18 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for shard, records in assembler.add(batch):
                     columns, features, rejects = split_records(records, k)
-                    entries[shard] = store.write_shard(
-                        shards[shard], columns, features, rejects, job.feature_dtype
-                    )
+                    try:
+                        entries[shard] = store.write_shard(
+                            shards[shard], columns, features, rejects, job.feature_dtype
+                        )
+                    except StoreWriteError as err:  # a full disk: say what the job needs
+                        sizes = [shard_bytes(e) for e in entries.values()] or [err.size]
+                        left = len(pending) - summary.written
+                        per_shard = sum(sizes) // len(sizes)
+                        explained = explain_write_error(
+                            err, remaining=left, per_shard=per_shard, k=k
+                        )
+                        raise explained from None
                     summary.written += 1
                     summary.rows += len(features)
                     summary.rejected += len(rejects)
@@ -231,11 +253,14 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
                     driver_kill(summary.written)  # fault injection (tests); no-op unset
         bar.close()
         summary.featurize_seconds = time.perf_counter() - t0
-    # 5. add the new shards' partial Grams and refactorise
+    # 5. keys stored in more than one shard: reported, not stored silently under two ids
+    if summary.written:
+        summary.duplicate_keys = report_duplicates(store, entries)["keys"]
+    # 6. add the new shards' partial Grams and refactorise
     _, summary.fisher_grams_added = update_fisher(store, config.attribution.damping_ratio, entries)
     summary.store_rows = sum(e.rows for e in entries.values())
     summary.store_rejected = sum(e.rejects for e in entries.values())
     summary.seconds = time.perf_counter() - start
-    # 6. the error budget, over the whole store (the same verdict on a rerun)
+    # 7. the error budget, over the whole store (the same verdict on a rerun)
     check_budget(summary, job.max_reject_fraction)
     return summary

@@ -22,7 +22,19 @@ def print_summary(summary, verb: str) -> None:
         print(f"rejected rows by reason (all of them in {s.store}/rejects/<shard>.parquet):")
         for reason, count in top:
             print(f"  {count:>6}  {reason[:100]}")
+        others = sorted(s.reasons.items(), key=lambda kv: (-kv[1], kv[0]))[5:]
+        if others:
+            rows = sum(count for _, count in others)
+            print(
+                f"  and {len(others)} more reason(s) ({rows} row(s)) in {s.store}/rejects/ "
+                "(the `reason` column)"
+            )
     print(f"store: {s.store_rows} rows, {s.store_rejected} rejected")
+    if s.duplicate_keys:
+        print(
+            f"warning: {s.duplicate_keys} key(s) occur in more than one shard (each stored "
+            f"under both ids): see {s.store}/reports/duplicate-keys.json"
+        )
 
 
 def write_json(path: str | None, body: dict) -> None:

@@ -17,7 +17,11 @@ record batches:
   duplicate key, bad metadata) with a zero image - recorded, never silently fixed. A tar that
   breaks off (truncated) or does not parse at all ends with one rejected record: the sample
   it broke off in, or key "" for the shard itself ("unreadable tar: ...");
-- row == -1: the shard's end record, `count` = the number of sample records it emitted.
+- row == -1: the shard's end record, `count` = the number of sample records it emitted,
+  `declared` = the count img2dataset's manifest beside the tar declares ({id}_stats.json
+  `successes`, else {id}.parquet's "success" rows; -1 without one). The driver rejects every
+  row of a shard whose count differs (`pipeline.integrity`): a tar cut exactly at a member
+  boundary reads as a shorter valid tar, and only the source's own count tells.
 
 Reading retries transient object-storage errors (`pipeline.storage.Retry`): after a dropped
 connection the tar is reopened and the records already emitted are skipped, so each row is
@@ -37,11 +41,17 @@ import numpy as np
 
 from pipeline.config import StorageConfig
 from pipeline.errors import MissingFileError, NoShardsError, StorageError
-from pipeline.storage import exists, filesystem, list_files, redact, retry_policy
+from pipeline.storage import exists, filesystem, list_files, read_bytes, redact, retry_policy
 
 SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-RECORD_COLUMNS = ("shard", "row", "key", "caption", "metadata", "image", "reason", "count")
+# how images become pixels, recorded in the store's store.json (a store decoded otherwise is
+# refused by reindex: its features would mean something else for rotated JPEGs)
+DECODE = {"exif_orientation": "applied"}
+MAX_CAPTION_BYTES = 16384  # job.max_caption_bytes' default
+RECORD_COLUMNS = (
+    *("shard", "row", "key", "caption", "metadata", "image", "reason", "count", "declared"),
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class ShardRef:
     id: str
     uri: str
     size: int
+    manifest: str = ""  # img2dataset's {id}_stats.json (else {id}.parquet) beside it, if any
 
 
 def list_shards(data_uri: str, storage: StorageConfig | None = None) -> list[ShardRef]:
@@ -61,8 +72,11 @@ def list_shards(data_uri: str, storage: StorageConfig | None = None) -> list[Sha
     if root.endswith(".tar"):
         found = exists(fs, root, retry)
         files = {root: int(retry.call(f"sizing {data_uri}", fs.size, root))} if found else {}
+        stem = root.removesuffix(".tar")
+        listed = {p: 0 for p in MANIFESTS(stem) if exists(fs, p, retry)} if found else {}
     else:
-        files = list_files(fs, root, ".tar", retry)
+        listed = list_files(fs, root, "", retry)  # one listing: tars and their manifests
+        files = {p: n for p, n in listed.items() if p.endswith(".tar")}
     if not files:
         raise NoShardsError(
             f"no .tar shards under {data_uri}: give the folder of an img2dataset WebDataset "
@@ -77,18 +91,51 @@ def list_shards(data_uri: str, storage: StorageConfig | None = None) -> list[Sha
                 "([A-Za-z0-9._-], at most 128 characters); rename it"
             )
         uri = prefix + path if prefix and not path.startswith(prefix) else path
-        shards.append(ShardRef(id=name, uri=uri, size=size))
+        manifest = next((m for m in MANIFESTS(path.removesuffix(".tar")) if m in listed), "")
+        if manifest and prefix and not manifest.startswith(prefix):
+            manifest = prefix + manifest
+        shards.append(ShardRef(id=name, uri=uri, size=size, manifest=manifest))
     return shards
+
+
+def MANIFESTS(stem: str) -> tuple[str, str]:  # noqa: N802 - a constant's spelling
+    """Where img2dataset declares a shard's sample count, in order of preference."""
+    return f"{stem}_stats.json", f"{stem}.parquet"
+
+
+def declared_count(manifest: str, storage: StorageConfig | None = None) -> int:
+    """The number of samples a shard's manifest declares (-1: no manifest, or one without a
+    count): `successes` of {id}_stats.json, else the rows of {id}.parquet whose `status` is
+    "success" (all rows without a status column)."""
+    if not manifest:
+        return -1
+    fs, path = filesystem(manifest, storage)
+    retry = retry_policy(manifest, storage)
+    data = read_bytes(fs, path, retry)
+    try:
+        if path.endswith(".json"):
+            value = json.loads(data).get("successes", -1)
+            return int(value) if isinstance(value, int) else -1
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data), columns=None)
+        if "status" not in table.column_names:
+            return table.num_rows
+        return sum(1 for v in table.column("status").to_pylist() if v == "success")
+    except (ValueError, AttributeError, OSError):  # not JSON / not Parquet: no usable count
+        return -1
 
 
 # ---- one sample ------------------------------------------------------------------------------
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """PNG/JPEG/WebP bytes -> (S, S, 3) uint8. ValueError naming the problem when the image is
-    undecodable, not RGB, or not S x S (never resized or converted here)."""
-    from PIL import Image, UnidentifiedImageError
+    """PNG/JPEG/WebP bytes -> (S, S, 3) uint8, rotated/flipped by its EXIF orientation tag.
+    ValueError naming the problem when the image is undecodable, not RGB, or not S x S (never
+    resized or converted here)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
+        # 1. as every viewer shows it: the EXIF orientation (a phone JPEG) applied (DECODE)
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         if image.size != (image_size, image_size):
             width, height = image.size
             raise ValueError(
@@ -104,9 +151,12 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     return array
 
 
-def decode_sample(parts: dict[str, bytes], image_size: int) -> tuple[np.ndarray, str, str]:
+def decode_sample(
+    parts: dict[str, bytes], image_size: int, max_caption_bytes: int = MAX_CAPTION_BYTES
+) -> tuple[np.ndarray, str, str]:
     """{extension: bytes} of one sample -> (image (S, S, 3) uint8, caption, metadata JSON text).
-    Raises ValueError with the reject reason."""
+    Raises ValueError with the reject reason (a caption over `max_caption_bytes` too: it is
+    never cut)."""
     images = [ext for ext in IMAGE_EXTENSIONS if ext in parts]
     if not images:
         raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
@@ -114,6 +164,10 @@ def decode_sample(parts: dict[str, bytes], image_size: int) -> tuple[np.ndarray,
         raise ValueError(f"several image members ({', '.join(images)})")
     if "txt" not in parts:
         raise ValueError("missing caption (.txt member)")
+    if len(parts["txt"]) > max_caption_bytes:
+        raise ValueError(
+            f"caption is {len(parts['txt'])} bytes > job.max_caption_bytes={max_caption_bytes}"
+        )
     try:
         caption = parts["txt"].decode("utf-8")
     except UnicodeDecodeError:
@@ -180,6 +234,7 @@ def _batch(records: list[dict], image_size: int) -> dict[str, np.ndarray]:
     }
     out["row"] = np.array([r["row"] for r in records], dtype=np.int64)
     out["count"] = np.array([r.get("count", 0) for r in records], dtype=np.int64)
+    out["declared"] = np.array([r.get("declared", -1) for r in records], dtype=np.int64)
     out["image"] = np.stack([blank if r.get("image") is None else r["image"] for r in records])
     return out
 
@@ -196,7 +251,9 @@ def _salvaged_samples(handle) -> Iterator[tuple[str, dict[str, bytes], str]]:
         yield from iter_samples(tar, salvage=True)
 
 
-def shard_records(handle, shard: str, image_size: int) -> Iterator[dict]:
+def shard_records(
+    handle, shard: str, image_size: int, max_caption_bytes: int = MAX_CAPTION_BYTES
+) -> Iterator[dict]:
     """Stream one open tar -> a record per sample (decoded or rejected), then the end record.
     I/O errors of `handle` propagate; a tar that does not parse ends in a rejected record."""
     count = 0
@@ -211,7 +268,7 @@ def shard_records(handle, shard: str, image_size: int) -> Iterator[dict]:
         }
         if not problem:
             try:
-                image, caption, metadata = decode_sample(parts, image_size)
+                image, caption, metadata = decode_sample(parts, image_size, max_caption_bytes)
                 record.update(image=image, caption=caption, metadata=metadata)
             except ValueError as err:
                 record["reason"] = str(err)
@@ -234,14 +291,17 @@ def decode_shard(
     storage: StorageConfig,
     image_size: int,
     rows_per_batch: int = 64,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data map_batches fn: input rows {shard (id), uri} -> record batches (module doc).
 
     A transient read error reopens the tar and skips the records already emitted (retried
     for storage.retry_limit_s of no progress); a missing or forbidden tar is a StorageError
     that fails the job, whose finished shards are kept."""
-    for shard, uri in zip(batch["shard"], batch["uri"], strict=True):
+    manifests = batch.get("manifest", [""] * len(batch["shard"]))
+    for shard, uri, manifest in zip(batch["shard"], batch["uri"], manifests, strict=True):
         shard, uri = str(shard), str(uri)
+        declared = declared_count(str(manifest), storage)  # -1: the source declares none
         backoff = retry_policy(uri, storage).backoff()
         chunk: list[dict] = []
         emitted = 0  # sample records emitted (or queued in chunk) so far
@@ -249,9 +309,11 @@ def decode_shard(
             try:
                 fs, path = filesystem(uri, storage)
                 with fs.open(path, "rb") as handle:
-                    for record in shard_records(handle, shard, image_size):
+                    for record in shard_records(handle, shard, image_size, max_caption_bytes):
                         if 0 <= record["row"] < emitted:
                             continue  # emitted before the connection dropped
+                        if record["row"] < 0:
+                            record["declared"] = declared
                         chunk.append(record)
                         emitted += record["row"] >= 0
                         backoff.reset()  # progress: a later failure is a new outage

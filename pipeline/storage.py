@@ -36,7 +36,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ctrak.errors import CtrakError
 from pipeline.config import StorageConfig
-from pipeline.errors import MissingFileError, StorageError, StorageUnavailableError
+from pipeline.errors import (
+    MissingFileError,
+    StorageError,
+    StorageUnavailableError,
+    StoreWriteError,
+)
 
 log = logging.getLogger("ctrak.storage")
 S3_SCHEMES = ("s3", "s3a")
@@ -192,14 +197,22 @@ def write_atomic(
 ) -> None:
     """Write `data` at `path` so that no reader ever sees a partial file."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # ENOSPC, EROFS, EACCES, EDQUOT, EIO: name the path
+            raise StoreWriteError(
+                f"writing {path} ({len(data)} bytes) failed: {err.strerror or err} "
+                f"[errno {err.errno}]",
+                path=path,
+                errno=err.errno or 0,
+                size=len(data),
+            ) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

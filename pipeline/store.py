@@ -173,14 +173,18 @@ class FeatureStore:
             )
         return self.read_json(self.path("store.json"))
 
-    def open(self, provenance: dict, feature_dtype: str, create: bool) -> dict:
+    def open(
+        self, provenance: dict, feature_dtype: str, create: bool, decode: dict | None = None
+    ) -> dict:
         """Create store.json (create=True and absent) or check it against this job's
-        provenance and feature dtype; returns the store metadata."""
+        provenance, feature dtype and image decoding (`decode`, pipeline.shards.DECODE);
+        returns the store metadata."""
         wanted = {
             "format": FORMAT,
             "provenance": _plain(provenance),
             "feature_dtype": feature_dtype,
             "k": int(provenance["projection_k"]),
+            **({"decode": decode} if decode is not None else {}),
         }
         if create and not self.exists():
             body = json.dumps(wanted, indent=1, sort_keys=True) + "\n"
@@ -191,6 +195,13 @@ class FeatureStore:
             {**meta["provenance"], "feature_dtype": meta["feature_dtype"]},
             {**wanted["provenance"], "feature_dtype": feature_dtype},
         )
+        if decode is not None and meta.get("decode") != _plain(decode):
+            raise ProvenanceMismatchError(
+                f"the store {self.uri} was decoded with {meta.get('decode')!r} (none recorded: "
+                f"before EXIF orientation was applied), this job decodes with {decode!r}: a "
+                "rotated JPEG would get other features than its shard-mates. Write to a new "
+                "store (job.store=NEW_URI)"
+            )
         return meta
 
     # ---- finished shards -----------------------------------------------------------------

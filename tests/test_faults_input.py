@@ -318,6 +318,18 @@ def test_bad_queries_fail_with_a_named_error_and_write_nothing(query_args, tmp_p
         "ConfigError: top_k=0": [*query, "--top-k", "0"],
         "ConfigError: top_k=-2": [*query, "--top-k", "-2"],
         "StoreNotFoundError": [*query, f"job.store={missing_store}"],
+        # the token check (ctrak/tokens.py), on every query: a word the tokenizer maps to
+        # [UNK], a prompt past the encoder's 8 tokens, a negative that tokenises the same
+        "UnknownWordError: the prompt 'a red pikachu'": [
+            *["--prompt", "a red pikachu", "--concept", "pikachu", "--image", image]
+        ],
+        "PromptTruncatedError: the prompt": [
+            *["--prompt", "a red triangle in the style of a drawing", "--concept", "drawing"],
+            *["--image", image],
+        ],
+        "SameAsNegativeError": [
+            *["--prompt", "a red triangle", "--negative", "a  red triangle", "--image", image]
+        ],
     }
     for name, extra in cases.items():
         args = ["query", *common, *extra, "--json", str(out)]
