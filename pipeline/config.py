@@ -32,7 +32,10 @@ class JobConfig:
     once a job has written every shard (a run over it exits non-zero; nothing is dropped);
     `max_caption_bytes`: a longer caption rejects its row (never cut): 16 KiB is 30x what a
     77-token text encoder reads, so no usable caption is refused, and one row cannot bloat a
-    feature shard (the 5 MB caption found by hand)."""
+    feature shard (the 5 MB caption found by hand); `lease_ttl_s`: how long a writer's lease
+    outlives its last renewal (renewed every third of it; a crashed owner's lease expires
+    after it), `lease_wait_s`: how long a second writer waits for it before refusing
+    (0 = refuse at once; pipeline/lease.py)."""
 
     data: str = ""
     store: str = ""
@@ -43,6 +46,8 @@ class JobConfig:
     max_reject_fraction: float = 0.01
     top_k: int = DEFAULT_TOP_K
     max_caption_bytes: int = 16384
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "actors", "top_k", "max_caption_bytes"):
@@ -52,6 +57,14 @@ class JobConfig:
         if self.feature_dtype not in ("float16", "float32"):
             raise ConfigError(
                 f"job.feature_dtype={self.feature_dtype!r} is not one of ['float16', 'float32']"
+            )
+        for name in ("lease_ttl_s", "lease_wait_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ConfigError(f"job.{name}={value!r} must be a number of seconds >= 0")
+        if self.lease_ttl_s < 3:
+            raise ConfigError(
+                f"job.lease_ttl_s={self.lease_ttl_s!r} must be >= 3 s (renewed every third)"
             )
         if not 0.0 <= float(self.max_reject_fraction) <= 1.0:
             raise ConfigError(

@@ -35,6 +35,7 @@ from pipeline.featurize import Featurizer, describe_model
 from pipeline.fisher import update_fisher
 from pipeline.guards import check_writable, explain_write_error, shard_bytes
 from pipeline.integrity import check_count, report_duplicates
+from pipeline.lease import hold_lease
 from pipeline.shards import DECODE, ShardRef, decode_shard, list_shards
 from pipeline.store import FeatureStore, check_settings
 
@@ -190,77 +191,84 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
     if not create or store.exists():  # refuse another store before any model is loaded
         check_settings(store.metadata()["provenance"], config.attribution.provenance())
     check_writable(store)  # a read-only store fails here, before any work
-    # 1. the shards of the data URI
-    shards = {s.id: s for s in list_shards(job.data, storage)}
-    # 2. what this model and these settings make; refuse a store made otherwise
-    described = remote_call(describe_model, job.model, config.attribution)
-    store.open(described["provenance"], job.feature_dtype, create=create, decode=DECODE)
-    # 3. the shards without a done-marker in the store
-    entries = store.entries()  # {id: ShardEntry} of the finished shards
-    pending = [s for s in shards.values() if s.id not in entries]
-    summary.shards, summary.skipped = len(shards), len(shards) - len(pending)
-    log.info(
-        "featurize: %d shard(s), %d already in %s, %d to do",
-        len(shards),
-        summary.skipped,
-        job.store,
-        len(pending),
-    )
-    # 4. stream them through decode -> featurize; write each shard as soon as it is complete
-    if pending:
-        from tqdm import tqdm
+    # 0. one writer at a time: the lease (pipeline/lease.py), renewed while the job runs
+    verb = "featurize" if create else "reindex"
+    with hold_lease(store, verb, job.lease_ttl_s, job.lease_wait_s) as lease:
+        # 1. the shards of the data URI
+        shards = {s.id: s for s in list_shards(job.data, storage)}
+        # 2. what this model and these settings make; refuse a store made otherwise
+        described = remote_call(describe_model, job.model, config.attribution)
+        store.open(described["provenance"], job.feature_dtype, create=create, decode=DECODE)
+        # 3. the shards without a done-marker in the store
+        entries = store.entries()  # {id: ShardEntry} of the finished shards
+        pending = [s for s in shards.values() if s.id not in entries]
+        summary.shards, summary.skipped = len(shards), len(shards) - len(pending)
+        log.info(
+            "featurize: %d shard(s), %d already in %s, %d to do",
+            len(shards),
+            summary.skipped,
+            job.store,
+            len(pending),
+        )
+        # 4. stream them through decode -> featurize; write each shard as soon as it is complete
+        if pending:
+            from tqdm import tqdm
 
-        k = config.attribution.projection.k
-        assembler = ShardAssembler()
-        bars = progress_bars(progress)
-        bar = tqdm(total=len(pending), unit="shard", desc="shards written", disable=not bars)
-        t0 = time.perf_counter()
-        ds = build_dataset(pending, config, storage, described)
-        with named_errors():
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for shard, records in assembler.add(batch):
-                    columns, features, rejects = split_records(records, k)
-                    try:
-                        entries[shard] = store.write_shard(
-                            shards[shard], columns, features, rejects, job.feature_dtype
-                        )
-                    except StoreWriteError as err:  # a full disk: say what the job needs
-                        sizes = [shard_bytes(e) for e in entries.values()] or [err.size]
-                        left = len(pending) - summary.written
-                        per_shard = sum(sizes) // len(sizes)
-                        explained = explain_write_error(
-                            err, remaining=left, per_shard=per_shard, k=k
-                        )
-                        raise explained from None
-                    summary.written += 1
-                    summary.rows += len(features)
-                    summary.rejected += len(rejects)
-                    for r in rejects:
-                        summary.reasons[r["reason"]] = summary.reasons.get(r["reason"], 0) + 1
-                    if rejects:
-                        log.warning("shard %s: %d row(s) rejected", shard, len(rejects))
-                    if progress and not bars:  # a line per shard where bars cannot draw
-                        log.info(
-                            "shard %s written (%d/%d): %d rows, %d rejected",
-                            shard,
-                            summary.written,
-                            len(pending),
-                            len(features),
-                            len(rejects),
-                        )
-                    bar.update(1)
-                    bar.set_postfix(rows=summary.rows, rejected=summary.rejected)
-                    driver_kill(summary.written)  # fault injection (tests); no-op unset
-        bar.close()
-        summary.featurize_seconds = time.perf_counter() - t0
-    # 5. keys stored in more than one shard: reported, not stored silently under two ids
-    if summary.written:
-        summary.duplicate_keys = report_duplicates(store, entries)["keys"]
-    # 6. add the new shards' partial Grams and refactorise
-    _, summary.fisher_grams_added = update_fisher(store, config.attribution.damping_ratio, entries)
-    summary.store_rows = sum(e.rows for e in entries.values())
-    summary.store_rejected = sum(e.rejects for e in entries.values())
-    summary.seconds = time.perf_counter() - start
+            k = config.attribution.projection.k
+            assembler = ShardAssembler()
+            bars = progress_bars(progress)
+            bar = tqdm(total=len(pending), unit="shard", desc="shards written", disable=not bars)
+            t0 = time.perf_counter()
+            ds = build_dataset(pending, config, storage, described)
+            with named_errors():
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for shard, records in assembler.add(batch):
+                        columns, features, rejects = split_records(records, k)
+                        lease.check()  # a writer that lost its lease stops writing
+                        try:
+                            entries[shard] = store.write_shard(
+                                shards[shard], columns, features, rejects, job.feature_dtype
+                            )
+                        except StoreWriteError as err:  # a full disk: say what the job needs
+                            sizes = [shard_bytes(e) for e in entries.values()] or [err.size]
+                            left = len(pending) - summary.written
+                            per_shard = sum(sizes) // len(sizes)
+                            explained = explain_write_error(
+                                err, remaining=left, per_shard=per_shard, k=k
+                            )
+                            raise explained from None
+                        summary.written += 1
+                        summary.rows += len(features)
+                        summary.rejected += len(rejects)
+                        for r in rejects:
+                            summary.reasons[r["reason"]] = summary.reasons.get(r["reason"], 0) + 1
+                        if rejects:
+                            log.warning("shard %s: %d row(s) rejected", shard, len(rejects))
+                        if progress and not bars:  # a line per shard where bars cannot draw
+                            log.info(
+                                "shard %s written (%d/%d): %d rows, %d rejected",
+                                shard,
+                                summary.written,
+                                len(pending),
+                                len(features),
+                                len(rejects),
+                            )
+                        bar.update(1)
+                        bar.set_postfix(rows=summary.rows, rejected=summary.rejected)
+                        driver_kill(summary.written)  # fault injection (tests); no-op unset
+            bar.close()
+            summary.featurize_seconds = time.perf_counter() - t0
+        # 5. keys stored in more than one shard: reported, not stored silently under two ids
+        if summary.written:
+            summary.duplicate_keys = report_duplicates(store, entries)["keys"]
+        # 6. add the new shards' partial Grams and refactorise
+        lease.check()
+        _, summary.fisher_grams_added = update_fisher(
+            store, config.attribution.damping_ratio, entries
+        )
+        summary.store_rows = sum(e.rows for e in entries.values())
+        summary.store_rejected = sum(e.rejects for e in entries.values())
+        summary.seconds = time.perf_counter() - start
     # 7. the error budget, over the whole store (the same verdict on a rerun)
     check_budget(summary, job.max_reject_fraction)
     return summary
