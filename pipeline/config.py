@@ -35,7 +35,9 @@ class JobConfig:
     feature shard (the 5 MB caption found by hand); `lease_ttl_s`: how long a writer's lease
     outlives its last renewal (renewed every third of it; a crashed owner's lease expires
     after it), `lease_wait_s`: how long a second writer waits for it before refusing
-    (0 = refuse at once; pipeline/lease.py)."""
+    (0 = refuse at once; pipeline/lease.py); `max_worker_deaths`: featurize actor deaths with
+    a row in the batch before that row is retried alone, and rejected if it kills its actor
+    alone as well ("worker died N times"; pipeline/poison.py)."""
 
     data: str = ""
     store: str = ""
@@ -48,9 +50,10 @@ class JobConfig:
     max_caption_bytes: int = 16384
     lease_ttl_s: float = 120.0
     lease_wait_s: float = 0.0
+    max_worker_deaths: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "actors", "top_k", "max_caption_bytes"):
+        for name in ("batch_size", "actors", "top_k", "max_caption_bytes", "max_worker_deaths"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"job.{name}={value!r} must be a positive integer")

@@ -2,11 +2,16 @@
 
     actor-exit:shard=00001:row=2:once=/tmp/m   a featurize actor exits hard (os._exit, no
                                                cleanup) when its batch holds that record;
-                                               `once=` an (absent) marker file: fire once
+                                               `once=` an (absent) marker file: fire once;
+                                               without it: every time (a poison row; a
+                                               record already rejected never fires)
     driver-kill:after=1                        the featurize/reindex driver SIGKILLs itself
                                                right after writing its N-th shard
     nan:key=000010002                          a featurize actor gives that sample NaN pixels,
                                                so its gradient is non-finite
+    scan-stall:seconds=20:once=/tmp/m          a query's score task sleeps before it scans
+                                               (a node can be removed under it); `once=`
+                                               as above
 
 Unset (production), every hook is a no-op. The driver forwards the variable to the featurize
 actors (`actor_env`), whose processes the Ray cluster started before it was set.
@@ -54,6 +59,7 @@ def actor_exit(batch: dict[str, np.ndarray]) -> None:
     """`actor-exit`: end this process at once when the batch holds (shard, row)."""
     for fault in faults("actor-exit"):
         hit = (batch["shard"] == fault["shard"]) & (batch["row"] == int(fault["row"]))
+        hit &= np.asarray(batch.get("reason", np.full(len(hit), "")) == "", dtype=bool)
         if hit.any() and _first_time(fault):
             os._exit(1)
 
@@ -70,3 +76,12 @@ def driver_kill(written: int) -> None:
     for fault in faults("driver-kill"):
         if written >= int(fault["after"]):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def scan_stall() -> None:
+    """`scan-stall`: sleep `seconds` in a query's score task (once with `once=`)."""
+    import time
+
+    for fault in faults("scan-stall"):
+        if _first_time(fault):
+            time.sleep(float(fault["seconds"]))

@@ -22,6 +22,7 @@ from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig
 from ctrak.model import DiffusionModel
 from pipeline.faults import actor_exit, poison
+from pipeline.poison import guarded
 from pipeline.store import check_provenance
 
 PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count", "declared")
@@ -49,13 +50,28 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 class Featurizer:
     """map_batches(Featurizer, fn_constructor_kwargs=..., compute=ActorPoolStrategy(size=N))."""
 
-    def __init__(self, model_path: str, config: AttributionConfig, expected: dict) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        config: AttributionConfig,
+        expected: dict,
+        deaths=None,
+        max_deaths: int = 3,
+    ) -> None:
         self.attributor = load_attributor(model_path, config)
         check_provenance(expected, self.attributor.provenance(), where=f"model {model_path}")
+        self.deaths, self.max_deaths = deaths, max_deaths  # pipeline/poison.py
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """records (B,) -> {shard, row, key, caption, metadata, count, reason (B,),
-        feature (B, k) float32}; feature rows of rejected records are zero."""
+        feature (B, k) float32}; feature rows of rejected records are zero. With a death
+        registry, a row that keeps killing the actor ends rejected (pipeline/poison.py)."""
+        if self.deaths is None:
+            return self.featurize(batch)
+        return guarded(batch, self.featurize, self.deaths, self.max_deaths)
+
+    def featurize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`__call__` without the death registry."""
         actor_exit(batch)  # fault injection (tests); no-op unset
         k = self.attributor.config.projection.k
         reason = np.array(batch["reason"], dtype=object)

@@ -36,6 +36,7 @@ from pipeline.fisher import update_fisher
 from pipeline.guards import check_writable, explain_write_error, shard_bytes
 from pipeline.integrity import check_count, report_duplicates
 from pipeline.lease import hold_lease
+from pipeline.poison import start_registry
 from pipeline.shards import DECODE, ShardRef, decode_shard, list_shards
 from pipeline.store import FeatureStore, check_settings
 
@@ -157,6 +158,8 @@ def build_dataset(
             "model_path": job.model,
             "config": config.attribution,
             "expected": described["provenance"],
+            "deaths": start_registry(),  # bounds a poison row's retries (pipeline/poison.py)
+            "max_deaths": job.max_worker_deaths,
         },
         **resources,
         **actor_env(),

@@ -8,8 +8,8 @@ background thread, checks it before every shard it writes (`Lease.check`: a leas
 another writer after a stall past its expiry stops this one - StoreLockedError) and deletes
 it at the end. A second writer refuses with StoreLockedError naming the running job, or waits
 up to job.lease_wait_s for it. A crashed owner's lease expires after job.lease_ttl_s; one
-whose owner ran on this host under a pid that no longer exists is expired at once (a rerun
-after a killed driver does not wait).
+whose owner ran on this host under a pid that no longer exists (or in this process, in a job
+that has ended) is expired at once: a rerun after a killed driver does not wait.
 
 Taking it is a conditional create that only one writer can win:
 - object storage: PUT with `If-None-Match: *` (a new lease) or `If-Match: <etag>` (taking an
@@ -61,10 +61,17 @@ def _precondition_failed(err: BaseException) -> bool:
     return "pre-condition" in str(err) or "Precondition" in str(err)
 
 
+_HELD: set[str] = set()  # tokens of the leases this process holds now
+
+
 def _alive(owner: dict) -> bool:
-    """False only when the owner ran on this host under a pid that no longer exists."""
+    """False only when the owner ran on this host under a pid that no longer exists, or in
+    this process in a job that has ended (a lease it could not delete, e.g. during an
+    outage)."""
     if owner.get("host") != socket.gethostname():
         return True
+    if owner.get("pid") == os.getpid():
+        return owner.get("token") in _HELD
     try:
         os.kill(int(owner.get("pid", 0)), 0)
     except ProcessLookupError:
@@ -179,6 +186,7 @@ class Lease:
     # ---- taking, renewing, releasing -----------------------------------------------------
     def try_take(self) -> dict | None:
         """Take the lease if it is free, expired or ours: None; else the holder's body."""
+        _HELD.add(self.token)  # before the write: this process's other jobs see it live
         if self.local:
             with self._locked():
                 body, _ = self._read()
@@ -224,6 +232,7 @@ class Lease:
             )
 
     def release(self) -> None:
+        _HELD.discard(self.token)
         try:
             if self.local:
                 with self._locked():
@@ -247,11 +256,14 @@ def take_lease(store: FeatureStore, job: str, ttl_s: float, wait_s: float = 0.0)
         try:
             holder = lease.try_take()
         except StorageError:
+            _HELD.discard(lease.token)
             raise
         except OSError as err:
+            _HELD.discard(lease.token)
             raise StorageError(f"taking the lease {lease.path} failed: {redact(err)}") from None
         if holder is None:
             return lease
+        _HELD.discard(lease.token)
         if time.monotonic() >= deadline:
             raise StoreLockedError(
                 f"another job is writing the store {store.uri}: {describe(holder)}. Wait for "

@@ -34,6 +34,7 @@ from ctrak.kernel import solve
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import StaleFisherError
+from pipeline.faults import actor_env, scan_stall
 from pipeline.featurize import images_to_tensor, load_attributor
 from pipeline.fisher import current_kernel
 from pipeline.scan.scanner import gather, score_files
@@ -142,6 +143,7 @@ def score_shards(
     """Ray Data fn: shard ids (n,) -> their top-k rows per query (`score_files`). Each shard is
     read through its marker (size + sha256 checked) and must be the one the Fisher was merged
     from (same Gram checksum)."""
+    scan_stall()  # fault injection (tests); no-op unset
     store = FeatureStore(store_uri, storage)
     shards = [str(s) for s in batch["shard"]]
     entries = store.entries(shards)
@@ -195,6 +197,7 @@ def run_queries(
     ds = ds.map_batches(
         score_shards,
         batch_size=None,
+        **actor_env(),  # CTRAK_FAULT to the score tasks (tests); {} unset
         fn_kwargs={
             "store_uri": job.store,
             "storage": store.storage,
