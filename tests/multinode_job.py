@@ -58,19 +58,22 @@ def main(model: str, data: str, store: str, out: str) -> None:
     # the query: its score task stalls on B, B is removed, C takes over
     marker = os.environ["CTRAK_FAULT"].split("once=")[1]
 
-    def kill_b() -> None:
-        while not os.path.exists(marker):
-            time.sleep(0.1)
-        nodes["c"] = cluster.add_node(num_cpus=2)
-        cluster.remove_node(nodes.pop("b"), allow_graceful=False)
-        events.append("node B removed mid-scan")
-
-    killer = threading.Thread(target=kill_b)
-    killer.start()
     spec = QuerySpec("a red circle", concept="red", image=np.full((16, 16, 3), 120, np.uint8))
-    with ray_session(config.ray):
-        results, _ = run_queries(config, [spec], top_k=4)
-    killer.join()
+    answer: dict = {}
+
+    def query() -> None:  # in a thread: adding a node must run in the main thread
+        with ray_session(config.ray):
+            answer["results"], _ = run_queries(config, [spec], top_k=4)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    while not os.path.exists(marker):
+        time.sleep(0.1)
+    nodes["c"] = cluster.add_node(num_cpus=2)
+    cluster.remove_node(nodes.pop("b"), allow_graceful=False)
+    events.append("node B removed mid-scan")
+    thread.join()
+    results = answer["results"]
     hits = [(h.shard, h.key, h.score) for h in results[0].hits]
     with open(out, "w") as handle:
         json.dump({"summary": summary.to_dict(), "hits": hits, "events": events}, handle)
