@@ -42,8 +42,8 @@ FAULTS = ("actor-exit", "s3-restart", "driver-kill")
 
 def digest(store) -> dict:
     """{key: feature (k,)} of every stored row, the rows' count and the Fisher's K."""
+    from pipeline.feature_file import table_features
     from pipeline.fisher import current_kernel
-    from pipeline.store import table_features
 
     features, rows = {}, 0
     for _, entry in sorted(store.entries().items()):
@@ -144,13 +144,13 @@ def run_soak(
     import ray
 
     from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
+    from ctrak.toy.world_shards import generate_world
     from pipeline.cluster import ray_session
     from pipeline.config import JobConfig, PipelineConfig, RayConfig, StorageConfig
-    from pipeline.devs3 import start
+    from pipeline.dev.s3server import start
     from pipeline.ingest import ingest
     from pipeline.query import QuerySpec
     from pipeline.store import FeatureStore
-    from pipeline.synthetic import generate_world
 
     rng = random.Random(seed)
     root_path = Path(root)
@@ -301,7 +301,7 @@ def _round(kind, config, store, server, storage, root: Path, number: int, rng) -
 
 
 def _restart(server, root: Path):
-    from pipeline.devs3 import start
+    from pipeline.dev.s3server import start
 
     port = int(server.endpoint_url.rsplit(":", 1)[1])
     back = start(
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model
     if not model:
-        from ctrak.tiny import build_tiny_model
+        from ctrak.toy.tiny import build_tiny_model
 
         model = str(build_tiny_model(Path(args.root + "-model"), latent=False, seed=0))
     report = run_soak(

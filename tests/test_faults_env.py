@@ -30,13 +30,13 @@ import pytest
 from PIL import Image
 from test_faults import _config, _contents, assert_like_clean
 
-from jobs.featurize import print_summary
+from ctrak.toy.world_shards import generate_world
 from pipeline.cluster import ray_session
 from pipeline.errors import ProvenanceMismatchError, StoreNotWritableError, StoreWriteError
 from pipeline.ingest import IngestSummary, ingest
+from pipeline.results import print_summary
 from pipeline.shards import DECODE, decode_image, decode_shard
 from pipeline.store import FeatureStore
-from pipeline.synthetic import generate_world
 
 
 @contextlib.contextmanager

@@ -19,11 +19,11 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctrak.toy.world_shards import generate_world
 from jobs.cli import main
 from pipeline.integrity import REPORT
 from pipeline.shards import declared_count, list_shards
 from pipeline.store import FeatureStore
-from pipeline.synthetic import generate_world
 
 SETTINGS = [
     "attribution.projection.k=32",

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from test_faults import _config
 
+from ctrak.toy.world_shards import generate_world
 from pipeline.cluster import ray_session
 from pipeline.errors import StoreLockedError
 from pipeline.ingest import ingest
 from pipeline.lease import LEASE, Lease, hold_lease, take_lease
 from pipeline.query import QuerySpec, run_queries
 from pipeline.store import FeatureStore
-from pipeline.synthetic import generate_world
 
 
 def _race(store: FeatureStore, n: int = 6) -> tuple[list[Lease], list[str]]:

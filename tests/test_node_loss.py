@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from test_faults import _config, _contents, assert_like_clean
 
+from ctrak.toy.world_shards import generate_world
 from pipeline.cluster import ray_session
 from pipeline.ingest import ingest
 from pipeline.query import QuerySpec, run_queries
 from pipeline.store import FeatureStore
-from pipeline.synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 

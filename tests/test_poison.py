@@ -10,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 from test_faults import _config, _contents
 
-from jobs.featurize import print_summary
+from ctrak.toy.world_shards import generate_world
 from pipeline.cluster import ray_session
+from pipeline.feature_file import table_features
 from pipeline.ingest import ingest
-from pipeline.store import FeatureStore, table_features
-from pipeline.synthetic import generate_world
+from pipeline.results import print_summary
+from pipeline.store import FeatureStore
 
 
 def test_a_poison_row_is_rejected_after_n_deaths_and_the_job_finishes(
