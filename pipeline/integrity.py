@@ -67,8 +67,9 @@ def _keys(store: FeatureStore, entry: ShardEntry) -> list[str]:
 
 
 def report_duplicates(store: FeatureStore, entries: dict[str, ShardEntry]) -> dict:
-    """Find keys stored in more than one shard; write REPORT (also when there are none, so a
-    stale report goes away) and return it: {"keys": n, "rows": m, "examples": [...]}."""
+    """Find keys stored in more than one shard; write REPORT when it changes (a store that
+    never had a duplicate has none; one that had gets a report of 0 keys, so a stale report
+    goes away) and return it: {"keys": n, "rows": m, "examples": [...]}."""
     first: dict[str, str] = {}
     shards: dict[str, set[str]] = defaultdict(set)
     for shard in sorted(entries):
@@ -82,8 +83,11 @@ def report_duplicates(store: FeatureStore, entries: dict[str, ShardEntry]) -> di
         "rows": sum(len(s) for s in shards.values()),
         "examples": examples,
     }
-    body = json.dumps(report, indent=1, sort_keys=True) + "\n"
-    store.write(store.path(REPORT), body.encode())
+    body = (json.dumps(report, indent=1, sort_keys=True) + "\n").encode()
+    path = store.path(REPORT)
+    old = store.read(path) if store.has(path) else (None if shards else body)
+    if old != body:  # written only when it changes: a rerun rewrites nothing
+        store.write(path, body)
     if shards:
         log.warning(
             "%d key(s) occur in more than one shard; see %s/%s", len(shards), store.uri, REPORT

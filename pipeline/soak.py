@@ -159,7 +159,7 @@ def run_soak(
     generate_world(
         "paper", str(data), num_images=shards * rows, image_size=16, shard_size=rows, seed=seed
     )
-    port = 19700 + seed % 50 * 20
+    port = _free_port(19700 + seed % 50 * 20)
     server = start(
         root_path / "s3", s3_port=port, bucket="soak", key="soak-key-1", secret="soak-secret-1"
     )
@@ -298,6 +298,16 @@ def _round(kind, config, store, server, storage, root: Path, number: int, rng) -
             timeout=900,
         )
         ingest(config, create=False, progress=False)
+
+
+def _free_port(first: int) -> int:
+    """The first S3 base port from `first` (steps of 20) whose derived ports are all free."""
+    from pipeline.dev.s3server import _port_open, ports
+
+    for base in range(first, first + 2000, 20):
+        if not any(p and _port_open(p) for p in ports(base).values()):
+            return base
+    raise RuntimeError(f"no free port range for the soak's S3 server from {first}")
 
 
 def _restart(server, root: Path):
