@@ -33,10 +33,18 @@ from ctrak.generation import sample
 from ctrak.gradients import masked_positions, normalize_rows, per_sample_grads
 from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
 from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve
-from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs, dps_loss
+from ctrak.losses import (
+    DPS_LOSSES,
+    TRAINING_LOSSES,
+    UTILITY_LOSSES,
+    LossInputs,
+    dps_approx_loss,
+    dps_loss,
+)
 from ctrak.model import DiffusionModel
 from ctrak.projection import Projector
 from ctrak.seeds import generator
+from ctrak.shared import shared_gradients, shares_forward
 from ctrak.tokens import check_query_text
 from ctrak.topk import TopK, topk
 
@@ -155,10 +163,16 @@ class Attributor:
             return out
         uncond = self.model.null_condition(x0.shape[0]) if inv.guidance != 1.0 else None
         eps_fn = guided_eps(self.model.eps, cond, uncond, inv.guidance)
-        inverted = ddim_invert(eps_fn, x0, abar, inv.num_steps, g.timesteps)
+        inverted = ddim_invert(eps_fn, x0, abar, inv.num_steps, g.timesteps, eps_at=inv.eps_at)
         return {t: (x_t, _implied_noise(x_t, x0, float(abar[t]))) for t, x_t in inverted.items()}
 
     # ---- gradients -----------------------------------------------------------------------
+    @property
+    def training_loss(self) -> Callable:
+        """The training-side loss: the method's, with Concept-TRAK's DPS direction per config."""
+        g = self.config.gradient
+        return DPS_LOSSES[g.dps] if g.method == "concept-trak" else TRAINING_LOSSES[g.method]
+
     def _summed_gradients(
         self,
         states: dict[int, tuple[torch.Tensor, torch.Tensor]],
@@ -198,14 +212,14 @@ class Attributor:
                     self._eps, self.params, term.objective, inp.x_t, inp.t, inp.cond, term.target
                 )
             return g, None
-        if loss is dps_loss:  # the DPS direction and the parameter gradient share one forward
-            dps = (inp.x0, inp.abar_t)
+        if loss in (dps_loss, dps_approx_loss):  # DPS direction and gradient: one forward
+            dps = (inp.x0, inp.abar_t, "exact" if loss is dps_loss else "approx")
             return factored_grads(
-                self._eps, self.projector, None, inp.x_t, inp.t, inp.cond, None, dps, masks
+                inp.eps, self.projector, None, inp.x_t, inp.t, inp.cond, None, dps, masks
             )
         term = loss(inp)
         return factored_grads(
-            self._eps,
+            inp.eps,
             self.projector,
             term.objective,
             inp.x_t,
@@ -248,8 +262,11 @@ class Attributor:
         Rows with ok = False (NaN/Inf or a zero-norm timestep) hold zeros: never store them."""
         x0 = self.model.images_to_x0(images)
         cond = self.model.encode_prompts(captions, allow_empty=True)
-        loss = TRAINING_LOSSES[self.config.gradient.method]
-        total, ok = self._summed_gradients(self.states(x0, cond), x0, cond, loss)
+        loss = self.training_loss
+        if shares_forward(self.config):  # the inversion's forwards serve the gradients too
+            total, ok = shared_gradients(self, x0, cond, loss)
+        else:
+            total, ok = self._summed_gradients(self.states(x0, cond), x0, cond, loss)
         phi = self.projector.project(total)
         ok &= torch.isfinite(phi).all(1)
         return torch.where(ok[:, None], phi, torch.zeros_like(phi)), ok
@@ -305,7 +322,7 @@ class Attributor:
         if cfg.utility == "concept":
             loss = UTILITY_LOSSES["concept"]
         else:
-            loss = TRAINING_LOSSES[cfg.gradient.method]
+            loss = self.training_loss
         masks = self.concept_masks(query, q)
         total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
         if not ok.all():

@@ -54,6 +54,8 @@ METHOD_PRESETS: dict[str, MethodPreset] = {
 
 
 METHODS: tuple[str, ...] = tuple(METHOD_PRESETS)
+DpsMode = Literal["exact", "approx"]
+EpsAt = Literal["next", "current"]
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -64,12 +66,17 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class InversionConfig:
     """DDIM inversion: `num_steps` on the trailing grid t_j = round(j * T / N) - 1, and CFG
-    weight `guidance` (1.0 = conditional only, no unconditional branch)."""
+    weight `guidance` (1.0 = conditional only, no unconditional branch). `eps_at`: the step
+    out of x_t reads eps(x_t, t_next) ("next", diffusers' DDIMInverseScheduler) or
+    eps(x_t, t) ("current"), which the training-side gradient at t shares (one forward for
+    both; unguided inversion and the factored path only: `ctrak.shared`)."""
 
     num_steps: int = 10
     guidance: float = 1.0
+    eps_at: EpsAt = "next"
 
     def __post_init__(self) -> None:
+        _check_choice("inversion eps_at", self.eps_at, ("next", "current"))
         if self.num_steps < 1:
             raise ConfigError(f"inversion num_steps={self.num_steps} must be >= 1")
         if self.guidance < 0:
@@ -115,7 +122,9 @@ class GradientConfig:
     uses DDIM-inverted states and per-timestep unit norms; TRAK and D-TRAK forward-noised states
     with fixed shared noise and raw sums; DAS noised states with per-timestep unit norms.
     `params` are substrings of UNet parameter names (("attn2",) = cross-attention, the default);
-    () = all.
+    () = all. `dps`: Concept-TRAK's DPS direction v = -grad_{x_t} ||x0_hat - x0||^2
+    through the network ("exact", a backward to x_t) or without its Jacobian ("approx",
+    v = -2 (x0_hat - x0) / sqrt(abar_t), no backward: `ctrak.losses.dps_direction_approx`).
     """
 
     method: Method = "concept-trak"
@@ -124,9 +133,11 @@ class GradientConfig:
     state: State | None = None
     normalize: bool | None = None
     noise_seed: int = 0
+    dps: DpsMode = "exact"
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("dps", self.dps, ("exact", "approx"))
         if not self.timesteps:
             raise ConfigError("timesteps must name at least one timestep, e.g. (99, 199, ..., 899)")
         if list(self.timesteps) != sorted(set(self.timesteps)) or self.timesteps[0] < 0:
@@ -246,12 +257,25 @@ PROVENANCE: dict[str, tuple[str, Callable[[AttributionConfig], object]]] = {
         lambda c: c.projection.k_side if c.projection.path == "factored" else None,
     ),
     "projection_dense_below": ("attribution.projection.dense_below", _dense_below),
+    # issue 19's options, recorded only when set (stores from before stay valid)
+    "dps": (
+        "attribution.gradient.dps",
+        lambda c: (
+            c.gradient.dps
+            if c.gradient.method == "concept-trak" and c.gradient.dps != "exact"
+            else OMIT
+        ),
+    ),
+    "inversion_eps_at": (
+        "attribution.inversion.eps_at",
+        lambda c: c.inversion.eps_at if c.inversion.eps_at != "next" else OMIT,
+    ),
 }
 # The other keys of a store's provenance (set by `Attributor.provenance` and the store) ->
 # the setting that fixes them.
 OTHER_PROVENANCE: dict[str, str] = {
     "model": "job.model",
-    "model_dtype": "job.model (its weights' dtype)",
+    "model_dtype": "job.model_dtype",
     "feature_dtype": "job.feature_dtype",
     "param_layout": "job.model / attribution.gradient.params",
     "num_params": "job.model / attribution.gradient.params",

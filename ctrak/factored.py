@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctrak.errors import ConfigError
-from ctrak.losses import dps_from_graph
+from ctrak.losses import dps_direction_approx, dps_from_graph
 from ctrak.numerics import upcast
 from ctrak.projection import Projector
 from ctrak.seeds import generator
@@ -259,7 +259,7 @@ def factored_grads(
     t: int,
     cond: torch.Tensor,
     target: torch.Tensor | None,
-    dps: tuple[torch.Tensor, float] | None = None,
+    dps: tuple | None = None,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched forward + one backward -> (layer-projected grads (B, M), ||g||^2 (B,)).
@@ -269,13 +269,20 @@ def factored_grads(
 
     Samples are independent in the network (no batch statistics), so the gradient of the
     summed loss w.r.t. a layer output holds each sample's own delta. With dps=(x0, abar_t)
-    the DPS loss is fused into the same forward: v = -grad_x ||x0_hat - x0||^2 by a first
-    backward, then dL/d eps = 2 v (L = ||sg[eps - v] - eps||^2) by the second; `objective`
-    and `target` are then unused."""
+    (or (x0, abar_t, "exact")) the DPS loss is fused into the same forward: v = -grad_x
+    ||x0_hat - x0||^2 by a first backward, then dL/d eps = 2 v (L = ||sg[eps - v] - eps||^2)
+    by the second; with dps=(x0, abar_t, "approx") v is the closed form without the network
+    Jacobian (`ctrak.losses.dps_direction_approx`) and only the second backward runs.
+    `objective` and `target` are then unused."""
+    mode = dps[2] if dps is not None and len(dps) > 2 else "exact"
     with capture(projector.layers) as cap, torch.enable_grad():
         if dps is None:
             out = eps(x_t.detach(), t, cond.detach())
             roots, cotangents = [objective(out, target).sum()], None
+        elif mode == "approx":
+            out = eps(x_t.detach(), t, cond.detach())
+            v = dps_direction_approx(out, x_t, dps[0], dps[1])
+            roots, cotangents = [out], [(2 * v).to(out.dtype)]
         else:
             x = upcast(x_t.detach()).requires_grad_(True)
             out = eps(x, t, cond.detach())

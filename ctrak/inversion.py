@@ -9,6 +9,12 @@ eps at the current state with timestep t_j,
     x0_hat  = (x_{j-1} - sqrt(1 - abar_{j-1}) eps) / sqrt(abar_{j-1})        (Tweedie)
     x_j     = sqrt(abar_j) x0_hat + sqrt(1 - abar_j) eps.
 
+With eps_at="current" the step out of a state t_{j-1} (j >= 2) evaluates eps there instead,
+eps(x_{j-1}, t_{j-1}), in the same two formulas: each step is still the exact inverse of
+DDIMScheduler's step given its eps, and a gradient at t_{j-1}, which needs eps(x_{j-1},
+t_{j-1}) too, can share that forward (`ctrak.shared`). The clean state has no timestep of
+its own, so the first step reads t_1 in both conventions.
+
 Sampling (x_T -> x0) is DDIMScheduler's step with eps evaluated at (x_j, t_j). Both take an
 `eps_fn(x, t) -> eps`, so guidance is decided by the caller (see `guided_eps`).
 """
@@ -22,6 +28,7 @@ import torch
 from ctrak.errors import ConfigError
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+EPS_AT: tuple[str, ...] = ("next", "current")
 
 
 def trailing_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -75,11 +82,18 @@ def ddim_invert(
     alphas_cumprod: torch.Tensor,
     num_steps: int,
     keep: Sequence[int],
+    eps_at: str = "next",
+    state_eps: EpsFn | None = None,
 ) -> dict[int, torch.Tensor]:
     """x0 (B, C, h, w) -> {t: x_t (B, C, h, w)} for every t in `keep` (all on the grid).
 
     Stops at max(keep): inverting to t = 899 on a 10-step grid costs 9 network calls.
+    eps_at="next" reads eps(x_{j-1}, t_j) (DDIMInverseScheduler); "current" reads
+    eps(x_{j-1}, t_{j-1}) from the second step on, through `state_eps` when given (a call
+    at a state's own timestep: (x_t, t) -> eps), else `eps_fn`.
     """
+    if eps_at not in EPS_AT:
+        raise ConfigError(f"inversion eps_at={eps_at!r} is not one of {list(EPS_AT)}")
     T = int(alphas_cumprod.shape[0])
     check_on_grid(keep, num_steps, T)
     grid = trailing_grid(num_steps, T)
@@ -87,8 +101,12 @@ def ddim_invert(
     states: dict[int, torch.Tensor] = {}
     x, t_prev = x0, -1
     for t in grid:
-        # 1. eps at the current state, evaluated at the target timestep (DDIMInverseScheduler)
-        eps = eps_fn(x, t).to(x.dtype)
+        # 1. eps at the current state: at the target timestep (DDIMInverseScheduler), or at
+        #    the state's own timestep (eps_at="current"; the clean state reads t_1)
+        if eps_at == "current" and t_prev >= 0:
+            eps = (state_eps or eps_fn)(x, t_prev).to(x.dtype)
+        else:
+            eps = eps_fn(x, t).to(x.dtype)
         a_prev, a_t = _abar(alphas_cumprod, t_prev, x), _abar(alphas_cumprod, t, x)
         # 2. Tweedie estimate of x0, then 3. re-noise deterministically to t
         x0_hat = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()

@@ -6,6 +6,11 @@ parameter gradient is a vector-Jacobian product of the network output alone:
 - concept-trak (DPS reward, training side): target = sg[eps - v] with
       x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),   v = -grad_{x_t} ||x0_hat - x0||^2
   so L = ||sg[eps - v] - eps||^2 and grad_theta L = 2 J^T v. v is computed in float32.
+  `dps_approx_loss` drops the network Jacobian d eps / d x_t (x0_hat's Jacobian ~ I / sqrt(abar_t),
+  the common DPS approximation): v = -2 (x0_hat - x0) / sqrt(abar_t), no backward to x_t.
+  Since x0_hat - x0 = sqrt(1 - abar_t) / sqrt(abar_t) (noise - eps) for the implied noise of x_t,
+  v = 2 sqrt(1 - abar_t) / abar_t (eps - noise): after the per-timestep normalisation this is
+  the denoising (TRAK) gradient at the inverted state with its implied noise.
 - trak (denoising score matching): target = the noise eps that made x_t; L = ||eps - eps_theta||^2.
 - d-trak: L = ||eps_theta||^2.
 - das: L = ||eps_theta||_1 (output-norm gradient; unit-normalised per timestep by default).
@@ -93,6 +98,25 @@ def dps_direction(inp: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return eps.detach(), v
 
 
+def dps_direction_approx(
+    eps: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, abar_t: float
+) -> torch.Tensor:
+    """v (B, C, h, w) = -2 (x0_hat - x0) / sqrt(abar_t), the DPS direction with d eps / d x_t
+    dropped; eps (B, C, h, w) is used as a constant. At least float32."""
+    eps, x_t = upcast(eps.detach()), upcast(x_t.detach())
+    # 1. Tweedie estimate of x0, 2. the reconstruction error's gradient through x0_hat alone
+    x0_hat = (x_t - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    return -2 * (x0_hat - upcast(x0).to(x0_hat)) / abar_t**0.5
+
+
+def dps_approx_loss(inp: LossInputs) -> LossTerm:
+    """The DPS loss with the approximate direction: one no-grad forward for eps."""
+    with torch.no_grad():
+        eps = upcast(inp.eps(inp.x_t, inp.t, inp.cond))
+    v = dps_direction_approx(eps, inp.x_t, inp.x0, inp.abar_t)
+    return LossTerm(squared_error, (eps - v).detach())
+
+
 def dps_loss(inp: LossInputs) -> LossTerm:
     eps, v = dps_direction(inp)
     return LossTerm(squared_error, (eps - v).detach())
@@ -130,3 +154,5 @@ TRAINING_LOSSES: dict[str, LossFn] = {
 }
 
 UTILITY_LOSSES: dict[str, LossFn] = {"concept": concept_utility}
+
+DPS_LOSSES: dict[str, LossFn] = {"exact": dps_loss, "approx": dps_approx_loss}

@@ -12,8 +12,13 @@ Forward-equivalents per sample (FE), a backward counted as two forwards:
 
 with n_inv the inversion grid steps up to the largest timestep, and per timestep, as the
 engine runs it: factored path 1 + 2 + 2 (one forward shared by the DPS direction and the
-parameter gradient; a backward to x_t for v, a backward to the layer outputs for 2v); exact
-path (1 + 2) + (1 + 2) (DPS forward and backward, then torch.func forward and backward).
+parameter gradient; a backward to x_t for v, a backward to the layer outputs for 2v), 1 + 2
+with dps="approx" (no backward to x_t); exact path (1 + 2) + (1 + 2) (DPS forward and
+backward, then torch.func forward and backward), 1 + (1 + 2) with dps="approx". When the
+gradients share the inversion's forwards (`ctrak.shared.shares_forward`), each timestep's
+forward is an inversion step's, and the largest timestep's adds one:
+
+    FE = n_inv + 1 + |timesteps| * (per_timestep - 1).
 `PassCounter` counts the same from hooks on the UNet (samples through each forward and each
 backward through its output).
 
@@ -35,6 +40,7 @@ from ctrak.errors import NumericsError
 from ctrak.inversion import trailing_grid
 from ctrak.model import DiffusionModel
 from ctrak.projection import Projector
+from ctrak.shared import shares_forward
 
 REFERENCE_INVERSION = InversionConfig(num_steps=50, guidance=7.5)
 
@@ -66,19 +72,30 @@ def naive_attributor(model: DiffusionModel, params: tuple[str, ...], k: int) -> 
 def analytic_fe(config: AttributionConfig, num_train_timesteps: int) -> dict[str, float]:
     """Forward-equivalents per training sample from the configuration (see module doc)."""
     g, inv = config.gradient, config.inversion
+    timesteps = g.timesteps
     inversion = 0
     if g.resolved_state == "inverted":
-        last = max(g.timesteps)
+        last = max(timesteps)
         steps = sum(1 for t in trailing_grid(inv.num_steps, num_train_timesteps) if t <= last)
         inversion = steps * (2 if inv.guidance != 1.0 else 1)
+    to_x = 2 if g.dps == "exact" else 0  # the backward to x_t for the DPS direction
     if g.method != "concept-trak":
         per_timestep = 1 + 2  # forward, backward
     elif config.projection.path == "factored":
-        per_timestep = 1 + 2 + 2  # one forward; backward to x_t (v), backward to layers (2v)
+        per_timestep = 1 + to_x + 2  # one forward; backward to x_t (v), to the layers (2v)
     else:
-        per_timestep = (1 + 2) + (1 + 2)  # DPS forward + backward; vmap forward + backward
-    total = inversion + len(g.timesteps) * per_timestep
-    return {"inversion": inversion, "per_timestep": per_timestep, "total": total}
+        per_timestep = (1 + to_x) + (1 + 2)  # DPS forward (+ backward); vmap forward + backward
+    shared = shares_forward(config)
+    if shared:  # each timestep's forward is an inversion step's; the largest adds one
+        total = inversion + 1 + len(timesteps) * (per_timestep - 1)
+    else:
+        total = inversion + len(timesteps) * per_timestep
+    return {
+        "inversion": inversion,
+        "per_timestep": per_timestep,
+        "shared": shared,
+        "total": total,
+    }
 
 
 @dataclass
