@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("ctrak.bench")
-SECTIONS = ("toy", "sd", "query", "memory")  # the order they run in
+SECTIONS = ("toy", "sd", "query", "memory", "device")  # the order they run in
+DEFAULT_SECTIONS = SECTIONS[:4]  # "device": the prepared accelerator run (--model-config)
 # option: (default run, --quick, meaning)
 PRESETS: dict[str, tuple[int, int, str]] = {
     "batch_size": (8, 2, "featurize batch of both paths"),
@@ -33,6 +34,7 @@ PRESETS: dict[str, tuple[int, int, str]] = {
     "memory_samples": (4, 2, "featurize memory: N and 4N samples, batches of N"),
     "merge_shards": (32, 4, "Fisher: 1000-row shards merged (scaled to 1M rows)"),
     "gram_rows": (16_384, 2_048, "Fisher: rows of the timed partial Gram"),
+    "device_samples": (16, 2, "--model-config run: samples timed per dtype"),
 }
 
 
@@ -46,7 +48,19 @@ def register(subparsers) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--toy-model", help="toy model directory (default ctrak/assets/toy-paper)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    parser.add_argument(
+        "--only",
+        help=f"subset of {SECTIONS} (default: {','.join(DEFAULT_SECTIONS)}; device with "
+        "--model-config)",
+    )
+    parser.add_argument(
+        "--model-config",
+        choices=["sd15", "sd-shaped", "tiny"],
+        help="the device section's UNet: sd15 = Stable Diffusion 1.5's full-size layout, "
+        "random weights, 64x64 latents (pipeline/bench/device.py)",
+    )
+    parser.add_argument("--device", default="cpu", help="device section: cpu or cuda")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="device section dtypes")
     parser.add_argument("--query-k", type=int, default=1024, help="store feature dim")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed)")
     for name, (full, quick, meaning) in PRESETS.items():
@@ -58,11 +72,15 @@ def register(subparsers) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    opts = {k: getattr(args, k) for k in ("threads", "query_k", "quick", "toy_model")}
+    keys = ("threads", "query_k", "quick", "toy_model", "device")
+    opts = {k: getattr(args, k) for k in keys}
+    opts["model_config"] = args.model_config or "sd15"
+    opts["dtypes"] = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for name, (full, quick, _) in PRESETS.items():
         value = getattr(args, name)
         opts[name] = value if value is not None else (quick if args.quick else full)
-    chosen = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = args.only or ("device" if args.model_config else ",".join(DEFAULT_SECTIONS))
+    chosen = {s.strip() for s in only.split(",") if s.strip()}
     opts["only"] = [s for s in SECTIONS if s in chosen] + sorted(chosen - set(SECTIONS))
     return opts
 
@@ -77,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(opts["only"]) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"--only {unknown} not among {list(SECTIONS)}")
+    bad = [d for d in opts["dtypes"] if d not in ("bfloat16", "float32")]
+    if bad or not opts["dtypes"]:
+        raise ConfigError(f"--dtypes {bad or '(none)'}: give bfloat16 and/or float32")
     small = [name for name in ("threads", "query_k", *PRESETS) if opts[name] < 1]
     if small:
         raise ConfigError(f"--{small[0].replace('_', '-')} {opts[small[0]]} must be >= 1")

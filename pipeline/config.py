@@ -21,6 +21,7 @@ from ctrak.config import DEFAULT_TOP_K, AttributionConfig
 from ctrak.errors import ConfigError
 
 FeatureDtype = Literal["float16", "float32"]
+ModelDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class JobConfig:
     batch_size: int = 16
     actors: int = 1
     feature_dtype: FeatureDtype = "float16"
+    model_dtype: ModelDtype = "float32"
     max_reject_fraction: float = 0.01
     top_k: int = DEFAULT_TOP_K
     max_caption_bytes: int = 16384
@@ -60,6 +62,12 @@ class JobConfig:
         if self.feature_dtype not in ("float16", "float32"):
             raise ConfigError(
                 f"job.feature_dtype={self.feature_dtype!r} is not one of ['float16', 'float32']"
+            )
+        if self.model_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"job.model_dtype={self.model_dtype!r} is not one of ['float32', 'bfloat16'] "
+                "(the UNet's weights and activations; the DPS direction, norms, projections "
+                "and the Gram stay float32/float64)"
             )
         for name in ("lease_ttl_s", "lease_wait_s"):
             value = getattr(self, name)

@@ -29,15 +29,22 @@ PASS_THROUGH = ("shard", "row", "key", "caption", "metadata", "count", "declared
 REJECT_NUMERICS = "non-finite or zero-norm gradient"
 
 
-def load_attributor(model_path: str, config: AttributionConfig) -> Attributor:
-    """The engine on this worker's device (cuda when Ray gave it a GPU, else cpu)."""
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_attributor(
+    model_path: str, config: AttributionConfig, dtype: str = "float32"
+) -> Attributor:
+    """The engine on this worker's device (cuda when Ray gave it a GPU, else cpu), the model
+    in `dtype` (job.model_dtype; the provenance records it)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Attributor(DiffusionModel.load(model_path, device=device), config)
+    model = DiffusionModel.load(model_path, device=device, dtype=MODEL_DTYPES[dtype])
+    return Attributor(model, config)
 
 
-def describe_model(model_path: str, config: AttributionConfig) -> dict:
+def describe_model(model_path: str, config: AttributionConfig, dtype: str = "float32") -> dict:
     """{"provenance": what the features depend on, "image_size": S} (run as a Ray task)."""
-    attributor = load_attributor(model_path, config)
+    attributor = load_attributor(model_path, config, dtype)
     return {"provenance": attributor.provenance(), "image_size": attributor.model.image_size}
 
 
@@ -57,8 +64,9 @@ class Featurizer:
         expected: dict,
         deaths=None,
         max_deaths: int = 3,
+        dtype: str = "float32",
     ) -> None:
-        self.attributor = load_attributor(model_path, config)
+        self.attributor = load_attributor(model_path, config, dtype)
         check_provenance(expected, self.attributor.provenance(), where=f"model {model_path}")
         self.deaths, self.max_deaths = deaths, max_deaths  # pipeline/poison.py
 

@@ -164,6 +164,7 @@ def build_dataset(
             "expected": described["provenance"],
             "deaths": start_registry(),  # bounds a poison row's retries (pipeline/poison.py)
             "max_deaths": job.max_worker_deaths,
+            "dtype": job.model_dtype,
         },
         **resources,
         **actor_env(),
@@ -196,7 +197,8 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
     summary = IngestSummary(store=job.store)
     store = FeatureStore(job.store, storage)
     if not create or store.exists():  # refuse another store before any model is loaded
-        check_settings(store.metadata()["provenance"], config.attribution.provenance())
+        settings = {**config.attribution.provenance(), "model_dtype": job.model_dtype}
+        check_settings(store.metadata()["provenance"], settings)
     check_writable(store)  # a read-only store fails here, before any work
     # 0. one writer at a time: the lease (pipeline/lease.py), renewed while the job runs
     verb = "featurize" if create else "reindex"
@@ -204,7 +206,7 @@ def ingest(config: PipelineConfig, *, create: bool, progress: bool = True) -> In
         # 1. the shards of the data URI
         shards = {s.id: s for s in list_shards(job.data, storage)}
         # 2. what this model and these settings make; refuse a store made otherwise
-        described = remote_call(describe_model, job.model, config.attribution)
+        described = remote_call(describe_model, job.model, config.attribution, job.model_dtype)
         store.open(described["provenance"], job.feature_dtype, create=create, decode=DECODE)
         # 3. the shards without a done-marker in the store
         entries = store.entries()  # {id: ShardEntry} of the finished shards

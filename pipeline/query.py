@@ -117,10 +117,14 @@ def check_specs(specs: list[QuerySpec], config: AttributionConfig, top_k: int) -
 
 
 def query_gradients(
-    model_path: str, config: AttributionConfig, specs: list[QuerySpec], expected: dict
+    model_path: str,
+    config: AttributionConfig,
+    specs: list[QuerySpec],
+    expected: dict,
+    dtype: str = "float32",
 ) -> np.ndarray:
     """g (q, k) float32: each query's concept gradient (run as a Ray task)."""
-    attributor = load_attributor(model_path, config)
+    attributor = load_attributor(model_path, config, dtype)
     check_provenance(expected, attributor.provenance(), where=f"model {model_path}")
     rows = []
     for spec in specs:
@@ -175,7 +179,8 @@ def run_queries(
     start = time.perf_counter()
     store = FeatureStore(job.store, config.storage.resolved())
     meta = store.metadata()
-    check_settings(meta["provenance"], config.attribution.provenance())  # before any model
+    settings = {**config.attribution.provenance(), "model_dtype": job.model_dtype}
+    check_settings(meta["provenance"], settings)  # before any model is loaded
     # 1. the Fisher of exactly the finished shards
     kernel, info = current_kernel(store, config.attribution.damping_ratio)
     # 2. g (q, k), once per query, by a worker whose model matches the store
@@ -185,6 +190,7 @@ def run_queries(
         config.attribution,
         specs,
         meta["provenance"],
+        job.model_dtype,
         num_gpus=1 if cluster_has_gpus() else 0,
     )
     # 3. x = (K + lambda I)^-1 g, solved once: (q, k)

@@ -71,6 +71,7 @@ def sd_shaped_model(
     block_out_channels: Sequence[int] = (32, 64, 128, 128),
     cross_attention_dim: int = 128,
     layers_per_block: int = 2,
+    max_length: int = 8,
     seed: int = 0,
 ) -> ModelSpec:
     """Write the SD-shaped model (latent `latent_size`^2, image 2x that) and describe it."""
@@ -83,6 +84,7 @@ def sd_shaped_model(
         latent=True,
         image_size=2 * latent_size,
         text_dim=cross_attention_dim,
+        max_length=max_length,
         seed=seed,
     )
     torch.manual_seed(seed)

@@ -3,8 +3,10 @@ the default path is to what the network itself costs.
 
 - naive: `ProjectionConfig(path="exact", k=naive_k)` (torch.func full per-sample gradients,
   dense JL projection regenerated for every batch: a `Projector` with `cache_bytes=0`) and
-  the reference inversion (50 steps, CFG 7.5), timesteps 99..899;
-- default: `AttributionConfig()` (factored projection, 10-step unguided inversion).
+  the reference inversion (50 steps, CFG 7.5, DDIMInverseScheduler's convention), timesteps
+  99..899, the exact DPS direction;
+- default: `AttributionConfig()` (factored projection, 10-step unguided inversion, and the
+  default DPS direction, inversion convention and timesteps: docs/cost-defaults.md).
 
 Forward-equivalents per sample (FE), a backward counted as two forwards:
 
@@ -35,14 +37,20 @@ from dataclasses import dataclass, field
 import torch
 
 from ctrak.attribution import Attributor, parameter_layout
-from ctrak.config import AttributionConfig, GradientConfig, InversionConfig, ProjectionConfig
+from ctrak.config import (
+    DEFAULT_TIMESTEPS,
+    AttributionConfig,
+    GradientConfig,
+    InversionConfig,
+    ProjectionConfig,
+)
 from ctrak.errors import NumericsError
 from ctrak.inversion import trailing_grid
 from ctrak.model import DiffusionModel
 from ctrak.projection import Projector
 from ctrak.shared import shares_forward
 
-REFERENCE_INVERSION = InversionConfig(num_steps=50, guidance=7.5)
+REFERENCE_INVERSION = InversionConfig(num_steps=50, guidance=7.5, eps_at="next")
 
 
 def default_config(params: tuple[str, ...], **projection) -> AttributionConfig:
@@ -55,7 +63,7 @@ def default_config(params: tuple[str, ...], **projection) -> AttributionConfig:
 def naive_config(params: tuple[str, ...], k: int) -> AttributionConfig:
     """The reference settings: exact per-sample gradients, dense JL to k, 50-step CFG 7.5."""
     return AttributionConfig(
-        gradient=GradientConfig(params=params),
+        gradient=GradientConfig(params=params, timesteps=DEFAULT_TIMESTEPS, dps="exact"),
         inversion=REFERENCE_INVERSION,
         projection=ProjectionConfig(path="exact", k=k),
     )
@@ -158,7 +166,8 @@ class ForwardTimer:
     def __init__(self, model: DiffusionModel, images: torch.Tensor, captions: list[str]) -> None:
         self.model = model
         x0 = model.images_to_x0(images)
-        self.x_t = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        self.x_t = torch.randn(x0.shape, generator=gen).to(x0.device)
         self.cond = model.encode_prompts(captions)
         self.times: list[float] = []
         self.measure(2)  # warm-up
@@ -169,6 +178,8 @@ class ForwardTimer:
         for _ in range(reps):
             begin = time.perf_counter()
             self.model.eps(self.x_t, 499, self.cond)
+            if self.x_t.device.type == "cuda":
+                torch.cuda.synchronize(self.x_t.device)
             self.times.append((time.perf_counter() - begin) / self.x_t.shape[0])
 
     @property
