@@ -21,7 +21,7 @@ def test_device_section_runs_tiny_on_cpu_in_both_dtypes(tmp_path):
     assert "SD 1.x layout" in description
     for name in ("bfloat16", "float32"):
         r = results[name]
-        assert r["fe_counted"] == r["fe_analytic"] <= 18
+        assert r["fe_counted"] == r["fe_analytic"]
         assert r["s_per_sample"] > 0 and r["samples_per_s"] == pytest.approx(1 / r["s_per_sample"])
         assert r["peak_memory_bytes"] is None  # not on cuda
         assert 0 < r["attributed_params"] < r["num_params"]
