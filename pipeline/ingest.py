@@ -41,7 +41,7 @@ from pipeline.shards import DECODE, ShardRef, decode_shard, list_shards
 from pipeline.store import FeatureStore, check_settings
 
 log = logging.getLogger("ctrak.ingest")
-DECODE_MEMORY = 512 << 20  # bytes reserved per decode task (a streamed tar + one batch)
+DECODE_MEMORY = 768 << 20  # per decode task: a streamed tar, one batch, the worker (~600 MB)
 
 
 @dataclass
