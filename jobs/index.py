@@ -13,12 +13,18 @@ from __future__ import annotations
 import argparse
 
 from jobs.config import add_config_arguments, config_from_args
-from jobs.featurize import write_json
+from pipeline.results import write_json
+
+CODES = (
+    "sq4",
+    "sq8",
+    "sq16",
+    "pq",
+    "flat",
+)  # pipeline.index.CODES (not imported: --help stays light)
 
 
 def register(subparsers) -> None:
-    from pipeline.index import CODES
-
     parser = subparsers.add_parser(
         "index",
         help="build the store's vector index for fast queries (FAISS, Ray)",

@@ -43,9 +43,10 @@ import pyarrow.parquet as pq
 
 from ctrak.errors import ConfigError
 from pipeline.errors import IndexNotFoundError, StaleIndexError, StoreCorruptError
+from pipeline.feature_file import feature_view
 from pipeline.scan.pages import column_views
 from pipeline.storage import sha256
-from pipeline.store import FeatureStore, ShardEntry, feature_view
+from pipeline.store import FeatureStore, ShardEntry
 
 FORMAT = "ctrak-vector-index/1"
 CODES = ("sq4", "sq8", "sq16", "pq", "flat")

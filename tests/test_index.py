@@ -13,12 +13,13 @@ import torch
 from ctrak.kernel import scores
 from ctrak.topk import topk
 from pipeline.errors import StaleIndexError
+from pipeline.feature_file import table_features
 from pipeline.fisher import update_fisher
 from pipeline.index import IndexSpec, build_index, update_index
 from pipeline.index_query import check_current, index_scan
 from pipeline.scan.scanner import best_candidates
 from pipeline.shards import ShardRef
-from pipeline.store import FeatureStore, table_features
+from pipeline.store import FeatureStore
 
 K, ROWS, TOP = 32, 300, 5
 
