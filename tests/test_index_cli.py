@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ctrak.toy.worlds import generate_world
+from ctrak.toy.world_shards import generate_world
 from jobs.cli import main
 
 SETTINGS = [
