@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("ctrak.bench")
-SECTIONS = ("toy", "sd", "query", "memory", "device")  # the order they run in
-DEFAULT_SECTIONS = SECTIONS[:4]  # "device": the prepared accelerator run (--model-config)
+SECTIONS = ("toy", "sd", "query", "memory", "index", "device", "index-1e7")  # run order
+# "device": the prepared accelerator run (--model-config); "index-1e7": --index-1e7 (long)
+DEFAULT_SECTIONS = SECTIONS[:5]
 # option: (default run, --quick, meaning)
 PRESETS: dict[str, tuple[int, int, str]] = {
     "batch_size": (8, 2, "featurize batch of both paths"),
@@ -35,6 +36,8 @@ PRESETS: dict[str, tuple[int, int, str]] = {
     "merge_shards": (32, 4, "Fisher: 1000-row shards merged (scaled to 1M rows)"),
     "gram_rows": (16_384, 2_048, "Fisher: rows of the timed partial Gram"),
     "device_samples": (16, 2, "--model-config run: samples timed per dtype"),
+    "index_rows": (1_000_000, 5_000, "index: rows of the synthetic mixture store"),
+    "index_large_rows": (10_000_000, 20_000, "index-1e7: rows of the large mixture store"),
 }
 
 
@@ -63,6 +66,15 @@ def register(subparsers) -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32", help="device section dtypes")
     parser.add_argument("--query-k", type=int, default=1024, help="store feature dim")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument(
+        "--index-1e7", action="store_true", help="add the 10^7-row index section (~1 hour)"
+    )
+    parser.add_argument(
+        "--index-eval",
+        default="runs/eval",
+        help="folder of `ctrak eval --index` query files for the toy recall rows (runs/eval)",
+    )
+    parser.add_argument("--index-codes", default="sq4", help="index codes (default sq4)")
     for name, (full, quick, meaning) in PRESETS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(
@@ -72,7 +84,7 @@ def register(subparsers) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("threads", "query_k", "quick", "toy_model", "device")
+    keys = ("threads", "query_k", "quick", "toy_model", "device", "index_eval", "index_codes")
     opts = {k: getattr(args, k) for k in keys}
     opts["model_config"] = args.model_config or "sd15"
     opts["dtypes"] = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -81,6 +93,8 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
         opts[name] = value if value is not None else (quick if args.quick else full)
     only = args.only or ("device" if args.model_config else ",".join(DEFAULT_SECTIONS))
     chosen = {s.strip() for s in only.split(",") if s.strip()}
+    if args.index_1e7:
+        chosen.add("index-1e7")
     opts["only"] = [s for s in SECTIONS if s in chosen] + sorted(chosen - set(SECTIONS))
     return opts
 

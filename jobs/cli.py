@@ -19,6 +19,7 @@ JOB_MODULES = (
     "jobs.featurize",
     "jobs.reindex",
     "jobs.query",
+    "jobs.index",
     "jobs.generate",
     "jobs.train_toy",
     "jobs.eval",

@@ -64,6 +64,13 @@ def register(subparsers) -> None:
         help="override every variant's attribution setting (repeatable; keys under "
         "attribution., values TOML literals), e.g. --set projection.k_side=8",
     )
+    parser.add_argument(
+        "--index",
+        action="store_true",
+        help="also rank through a vector index of the features (rows '<method> + index', "
+        "recall@10 vs the exact top-10 in the JSON)",
+    )
+    parser.add_argument("--index-codes", default="sq4", help="with --index: index codes (sq4)")
     parser.add_argument("--work", default="runs/eval", help="data and feature cache folder")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         method_variants,
         reference_variants,
     )
+    from pipeline.index import IndexSpec
 
     variants = {
         "methods": lambda: method_variants(args.methods.split(",")),
@@ -101,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         global_draws=args.global_draws,
         guidance=args.guidance,
         query_seed=args.query_seed,
+        index=IndexSpec(codes=args.index_codes) if args.index else None,
     )
     table = markdown_table(result)
     print(table)

@@ -38,6 +38,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--report", metavar="HTML", help="also write an HTML report with the images (+ .png)"
     )
+    parser.add_argument(
+        "--index", action="store_true", help="search the store's vector index (`ctrak index`)"
+    )
+    parser.add_argument("--nprobe", type=int, help="with --index: lists searched (index default)")
+    parser.add_argument(
+        "--rescore", type=int, help="with --index: candidates rescored exactly (max(10 k, 100))"
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -132,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     specs = make_specs(args)
     with ray_session(config.ray):
-        results, info = run_queries(config, specs, top_k=args.top_k)
+        results, info = run_queries(
+            config,
+            specs,
+            top_k=args.top_k,
+            index=args.index,
+            nprobe=args.nprobe,
+            rescore=args.rescore,
+        )
     print(format_table(results))
     print(
         f"query: {len(specs)} quer{'y' if len(specs) == 1 else 'ies'} over {info['rows']} "

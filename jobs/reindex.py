@@ -2,8 +2,10 @@
 
 Featurizes only the shards of job.data that the store has no done-marker for, adds their
 partial Grams to the stored Fisher and refactorises it. Refuses a store made with another
-model, method or projection (ProvenanceMismatchError, naming what differs). Meant to run on a
-schedule (infra/kuberay/reindex-cronjob.yaml); a run with nothing new does no work.
+model, method or projection (ProvenanceMismatchError, naming what differs). A store with a
+vector index (`ctrak index`) gets the new feature shards added to it as new index shards.
+Meant to run on a schedule (infra/kuberay/reindex-cronjob.yaml); a run with nothing new does
+no work.
 
     ctrak reindex --config jobs/configs/laion-sd15.toml
 """
@@ -26,6 +28,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ray_session
+    from pipeline.index import index_info, update_index
     from pipeline.results import run_ingest
+    from pipeline.store import FeatureStore
 
-    return run_ingest(config_from_args(args), create=False, verb="reindex", json_path=args.json)
+    config = config_from_args(args)
+    code = run_ingest(config, create=False, verb="reindex", json_path=args.json)
+    store = FeatureStore(config.job.store, config.storage.resolved())
+    if code == 0 and index_info(store) is not None:  # new feature shards -> new index shards
+        with ray_session(config.ray):
+            info = update_index(store)
+        print(
+            f"index: {info['added_shards']} feature shard(s) added; {info['rows']} rows in "
+            f"{len(info['groups'])} index shard(s)"
+        )
+    return code

@@ -66,3 +66,12 @@ class StoreWriteError(StorageError):
 
 class StoreLockedError(StorageError):
     """Another writer (featurize/reindex) holds the store's lease; the message names it."""
+
+
+class IndexNotFoundError(CtrakError):
+    """A query asked for the vector index of a store that has none (index/index.json)."""
+
+
+class StaleIndexError(CtrakError):
+    """The store's vector index does not cover exactly its finished feature files (one added,
+    replaced or removed since indexing) or was built under other store settings."""

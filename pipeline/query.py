@@ -34,7 +34,7 @@ from ctrak.kernel import solve
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import StaleFisherError
-from pipeline.faults import actor_env, scan_stall
+from pipeline.faults import scan_stall
 from pipeline.featurize import images_to_tensor, load_attributor
 from pipeline.fisher import current_kernel
 from pipeline.scan.scanner import gather, score_files
@@ -166,12 +166,18 @@ def score_shards(
 
 
 def run_queries(
-    config: PipelineConfig, specs: list[QuerySpec], top_k: int | None = None
+    config: PipelineConfig,
+    specs: list[QuerySpec],
+    top_k: int | None = None,
+    *,
+    index: bool = False,
+    nprobe: int | None = None,
+    rescore: int | None = None,
 ) -> tuple[list[QueryResult], dict]:
     """Attribute every query against the store; returns (results, run info). Runs inside
-    `ray_session`."""
-    import ray
-
+    `ray_session`. index=True: through the store's vector index (`pipeline.index_query`:
+    nprobe lists, `rescore` candidates per query rescored exactly) instead of the exact scan;
+    a stale index is refused (StaleIndexError) before any model work."""
     job = config.job
     job.require("store", "model")
     top_k = job.top_k if top_k is None else top_k
@@ -181,8 +187,14 @@ def run_queries(
     meta = store.metadata()
     settings = {**config.attribution.provenance(), "model_dtype": job.model_dtype}
     check_settings(meta["provenance"], settings)  # before any model is loaded
-    # 1. the Fisher of exactly the finished shards
+    # 1. the Fisher of exactly the finished shards (and the index of exactly them)
     kernel, info = current_kernel(store, config.attribution.damping_ratio)
+    if index:
+        from pipeline.index import require_index
+        from pipeline.index_query import check_current, default_rescore, index_scan
+
+        index_info = require_index(store)
+        check_current(store, index_info)
     # 2. g (q, k), once per query, by a worker whose model matches the store
     g = remote_call(
         query_gradients,
@@ -198,24 +210,14 @@ def run_queries(
     # 4. scatter x over the feature shards (each verified against its marker); top-k per
     #    block; gather on the driver
     shard_ids = sorted(info["shards"])
-    items = [{"shard": s} for s in shard_ids]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_SCORE_TASKS))
-    ds = ds.map_batches(
-        score_shards,
-        batch_size=None,
-        **actor_env(),  # CTRAK_FAULT to the score tasks (tests); {} unset
-        fn_kwargs={
-            "store_uri": job.store,
-            "storage": store.storage,
-            "grams": info["shards"],
-            "x": x,
-            "top_k": top_k,
-            "shard_index": {s: i for i, s in enumerate(shard_ids)},
-        },
-    )
-    with named_errors():
-        blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    candidates = pa.concat_tables(blocks)
+    extra: dict = {}
+    if index:
+        count = rescore or default_rescore(top_k)
+        candidates, extra = index_scan(
+            store, index_info, x, shard_ids=shard_ids, nprobe=nprobe, rescore=count
+        )
+    else:
+        candidates = _exact_scan(job.store, store, info, x, top_k, shard_ids)
     results = []
     for spec, rows in zip(specs, gather(candidates, len(specs), top_k), strict=True):
         hits = [
@@ -237,5 +239,32 @@ def run_queries(
         "rows": info["rows"],
         "lambda": kernel.lam,
         "seconds": time.perf_counter() - start,
+        **extra,
     }
     return results, run
+
+
+def _exact_scan(
+    uri: str, store: FeatureStore, info: dict, x: np.ndarray, top_k: int, shard_ids: list[str]
+) -> pa.Table:
+    """Scatter x (q, k) over every feature shard (`score_shards`, Ray Data) -> the tasks'
+    top-k candidates."""
+    import ray
+
+    items = [{"shard": s} for s in shard_ids]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_SCORE_TASKS))
+    ds = ds.map_batches(
+        score_shards,
+        batch_size=None,
+        fn_kwargs={
+            "store_uri": uri,
+            "storage": store.storage,
+            "grams": info["shards"],
+            "x": x,
+            "top_k": top_k,
+            "shard_index": {s: i for i, s in enumerate(shard_ids)},
+        },
+    )
+    with named_errors():
+        blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(blocks)

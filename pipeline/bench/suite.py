@@ -6,6 +6,9 @@ query  - bytes per sample; a synthetic 1M x k store: the product scan with 8 que
          1 query vs a memory copy (and vs the screen's arithmetic alone), its exactness, its peak
          RSS at 1/4 and all of the store (8 queries); Fisher merge
 memory - peak RSS of featurize (toy, N and 4N samples)
+index  - the vector index on a synthetic mixture store (recall@10 vs exact, latency, bytes,
+         build) and on the worlds `ctrak eval --index` saved; FAISS flat scan vs the screen
+index-1e7 - (opt-in, --index-1e7) the same at 10^7 rows
 """
 
 from __future__ import annotations
@@ -428,6 +431,11 @@ def run_all(opts: dict, workdir: Path) -> tuple[dict, list[Row]]:
             results["query"], new = run_query(workdir, opts)
         elif name == "device":
             results["device"], new, results["models"]["device"] = device.run_device(workdir, opts)
+        elif name in ("index", "index-1e7"):
+            from pipeline.bench.index import run_index
+
+            size = int(opts["index_rows"] if name == "index" else opts["index_large_rows"])
+            results[name], new = run_index(opts, size, name)
         else:
             results["memory"], new = run_memory(toy, opts)
         rows += new

@@ -30,9 +30,13 @@ from ctrak.config import (
 )
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
+from ctrak.kernel import scores, solve
 from ctrak.model import DiffusionModel
+from ctrak.topk import topk
 from ctrak.toy.world_shards import generate_world, read_samples
 from ctrak.toy.worlds import classify, world_combos
+from pipeline.index import IndexSpec
+from pipeline.index_memory import MemoryIndex, recall
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,7 @@ def evaluate(
     combos: Sequence[str] | None = None,
     top_k: int = DEFAULT_TOP_K,
     log: Callable[[str], None] = print,
+    index: IndexSpec | None = None,
 ) -> dict:
     """Precision@top_k per (variant, scope, combination, target). Returns a JSON-able dict.
 
@@ -225,7 +230,10 @@ def evaluate(
     toy model composes its held-out combination at 1 and loses it at >= 2; TRAINING.md).
     `query_seed` seeds the local query images: design choices were made on seed 5000, the
     reported tables use the default 1000, so no setting was tuned on the reported queries.
-    `combos` restricts the queries to these captions (default: every combination)."""
+    `combos` restricts the queries to these captions (default: every combination).
+    `index`: also rank every query through a vector index of the features
+    (`pipeline.index_memory`; variant "<name> + index", with recall@top_k vs the exact top-k
+    per record), and save the features and solved queries to <work>/index-queries-*.npz."""
     work = Path(work)
     model = DiffusionModel.load(model_dir)
     images, captions, labels = training_set(Path(model_dir), work, num_train)
@@ -242,6 +250,8 @@ def evaluate(
         attributor = Attributor(model, variant.config)
         features, costs[variant.name] = _features(attributor, images, captions, work / "cache")
         kernel = attributor.fit(features)
+        searcher = None if index is None else MemoryIndex(features, index)
+        solved = []
         for scope in scopes:
             query_cfg = replace(
                 variant.config.query,
@@ -263,16 +273,21 @@ def evaluate(
                         ]
                     else:
                         batch = [Query(combo.caption, concept=value)]
-                    top = attributor.attribute(
-                        batch, features, kernel, top_k=top_k, query_config=query_cfg
-                    )
-                    precision = [
-                        float(np.mean([labels[i][attr] == value for i in idx]))
-                        for idx in top.indices.tolist()
-                    ]
-                    records.append(
-                        {
-                            "variant": variant.name,
+                    g = torch.stack([attributor.query_gradient(q, query_cfg) for q in batch]).cpu()
+                    x = solve(kernel, g)  # as Attributor.attribute
+                    top = topk(scores(features, x), top_k)
+                    ranked = [(variant.name, top, None)]
+                    if searcher is not None:
+                        found = searcher.topk(x, top_k)
+                        ranked.append((f"{variant.name} + index", found, top))
+                        solved.append(x)
+                    for name, best, exact in ranked:
+                        precision = [
+                            float(np.mean([labels[i][attr] == value for i in idx]))
+                            for idx in best.indices.tolist()
+                        ]
+                        record = {
+                            "variant": name,
                             "scope": scope,
                             "prompt": combo.caption,
                             "heldout": combo.heldout,
@@ -281,7 +296,18 @@ def evaluate(
                             "precision": float(np.mean(precision)),
                             "queries": len(precision),
                         }
-                    )
+                        if exact is not None:
+                            record["recall"] = recall(best.indices, exact.indices)
+                        records.append(record)
+        if searcher is not None and solved:
+            save_index_queries(work, world, variant.name, features, torch.cat(solved), searcher)
+            found = [
+                v for r in records if r["variant"] == f"{variant.name} + index" for v in r["recall"]
+            ]
+            log(
+                f"{variant.name} + index: recall@{top_k} vs exact {np.mean(found):.3f} over "
+                f"{len(found)} queries"
+            )
         log(
             f"{variant.name}: {costs[variant.name]['s_per_sample']:.2f} s and "
             f"{costs[variant.name]['forwards_per_sample']:.0f} forwards per sample; "
@@ -304,6 +330,15 @@ def evaluate(
         "costs": costs,
         "records": records,
     }
+
+
+def save_index_queries(work: Path, world: str, name: str, features, x, searcher) -> None:
+    """The features (n, k) float16 and solved queries x (q, k) float64 of an --index run, for
+    `ctrak bench --index-eval` (recall on the real eval queries)."""
+    path = work / f"index-queries-{world}-{name}.npz".replace(" ", "_")
+    np.savez(path, features=features.to(torch.float16).numpy(), x=x.numpy())
+    log_line = f"index {searcher.factory} nprobe {searcher.nprobe}: saved {len(x)} queries"
+    print(f"{log_line} -> {path}")
 
 
 def _mean(records, variant: str, scope: str, heldout: bool) -> float:
