@@ -1,7 +1,7 @@
 """The training side with the inversion's forwards shared by the gradient timesteps.
 
 With eps_at="current" (ctrak.inversion) the inversion step out of a state x_t reads
-eps(x_t, t, c), the very forward the training-side gradient at t needs (METHOD.md section 2:
+eps(x_t, t, c), the very forward the training-side gradient at t needs (docs/method.md section 2:
 eps = eps_theta(x_t, t, c_i), conditional, no CFG). So at a gradient timestep one forward
 serves both: it runs with the gradient's hooks and graph, the per-sample gradient is taken
 from it, and its eps (detached) drives the next inversion step. Per training sample, with

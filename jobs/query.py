@@ -12,8 +12,6 @@ writes an HTML page (and a PNG) with the query and hit images, relevant hits mar
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from jobs.config import add_config_arguments, config_from_args
 
@@ -49,41 +47,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def read_queries_file(path: str) -> list[dict]:
-    """[[queries]] tables of a TOML file, or one JSON object per line; image paths are
-    relative to the file."""
-    import tomllib
-
-    from ctrak.errors import ConfigError
-
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"queries file {path} does not exist") from None
-    try:
-        if file.suffix == ".toml":
-            items = tomllib.loads(text).get("queries", [])
-        else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (ValueError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"queries file {path}: {err}") from None
-    allowed = {"prompt", "concept", "negative", "image"}
-    for item in items:
-        if not isinstance(item, dict) or set(item) - allowed or "prompt" not in item:
-            raise ConfigError(f"queries file {path}: {item!r} needs a prompt and only {allowed}")
-        if item.get("image"):
-            item["image"] = str(file.parent / item["image"])
-    if not items:
-        raise ConfigError(f"queries file {path} holds no queries")
-    return items
-
-
 def make_specs(args: argparse.Namespace) -> list:
     from ctrak.errors import ConfigError
     from pipeline.query import QuerySpec, load_query_image
 
     if args.queries:
+        from pipeline.query_text import read_queries_file
+
         items = read_queries_file(args.queries)
     elif args.prompt is not None:  # an empty prompt is a PromptError, not a missing flag
         items = [
@@ -108,30 +78,10 @@ def make_specs(args: argparse.Namespace) -> list:
     ]
 
 
-def format_table(results) -> str:
-    """One block per query: rank, score, key, shard, caption, metadata (shortened)."""
-    lines = []
-    for j, result in enumerate(results, 1):
-        q = result.query
-        label = f'query {j}: "{q.prompt}"' + (f' concept="{q.concept}"' if q.concept else "")
-        lines.append(label + (f" image={q.image_path}" if q.image_path else ""))
-        lines.append(
-            f"{'rank':>4}  {'score':>11}  {'key':<12} {'shard':<8} {'caption':<28} metadata"
-        )
-        for h in result.hits:
-            meta = json.dumps(h.metadata, sort_keys=True) if h.metadata is not None else "-"
-            meta = meta if len(meta) <= 48 else meta[:45] + "..."
-            lines.append(
-                f"{h.rank:>4}  {h.score:>11.5g}  {h.key:<12} {h.shard:<8} "
-                f"{h.caption[:28]:<28} {meta}"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.cluster import ray_session
     from pipeline.query import run_queries
+    from pipeline.query_text import format_table
     from pipeline.results import write_json
 
     if args.scope:
