@@ -65,8 +65,10 @@ class Featurizer:
         deaths=None,
         max_deaths: int = 3,
         dtype: str = "float32",
+        batch_size: int | None = None,
     ) -> None:
         self.attributor = load_attributor(model_path, config, dtype)
+        self.batch_size = batch_size  # job.batch_size: rows per engine call (None: the block)
         check_provenance(expected, self.attributor.provenance(), where=f"model {model_path}")
         self.deaths, self.max_deaths = deaths, max_deaths  # pipeline/poison.py
 
@@ -86,14 +88,30 @@ class Featurizer:
         good = np.flatnonzero((batch["row"] >= 0) & (reason == ""))  # (G,)
         feature = np.zeros((len(reason), k), np.float32)  # (B, k)
         if len(good):
-            images = images_to_tensor(batch["image"][good])  # (G, 3, S, S)
-            images = poison(batch["key"][good], images)
-            captions = [str(c) for c in batch["caption"][good]]
-            phi, ok = self.attributor.featurize_batch(images, captions)  # (G, k), (G,)
-            feature[good] = phi.detach().cpu().numpy()
-            reason[good[~ok.cpu().numpy()]] = REJECT_NUMERICS
+            for rows in self._engine_batches(batch, good):
+                images = images_to_tensor(batch["image"][rows])  # (b, 3, S, S)
+                images = poison(batch["key"][rows], images)
+                captions = [str(c) for c in batch["caption"][rows]]
+                phi, ok = self.attributor.featurize_batch(images, captions)  # (b, k), (b,)
+                feature[rows] = phi.detach().cpu().numpy()
+                reason[rows[~ok.cpu().numpy()]] = REJECT_NUMERICS
         return {
             **{name: batch[name] for name in PASS_THROUGH if name in batch},
             "reason": reason,
             "feature": feature,
         }
+
+    def _engine_batches(self, batch: dict[str, np.ndarray], good: np.ndarray) -> list[np.ndarray]:
+        """The rows `good` (G,) split into engine calls by (shard, row // batch_size): which
+        rows share a call is fixed by the data, never by how Ray Data bundled its blocks (its
+        output buffer merges a decode task's yields into blocks by bytes), so batched float32
+        rounding - and so the stored features - do not depend on timing, and no call exceeds
+        job.batch_size rows (device memory)."""
+        if self.batch_size is None:
+            return [good] if len(good) else []
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i in good:
+            groups.setdefault(
+                (str(batch["shard"][i]), int(batch["row"][i]) // self.batch_size), []
+            ).append(i)
+        return [np.array(rows) for rows in groups.values()]

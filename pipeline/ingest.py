@@ -151,9 +151,10 @@ def build_dataset(
         memory=DECODE_MEMORY,
     )
     resources = {"num_gpus": 1} if cluster_has_gpus() else {"num_cpus": 1}
-    # batch_size=None: each decoded block (job.batch_size consecutive rows of one shard) is
-    # one featurize batch, whatever the timing: which rows share a batch is fixed, so the
-    # features are too (batched float32 matmuls differ in the last bits by batch; ~5e-6)
+    # batch_size=None: the actor takes whole blocks (Ray's output buffer merges a decode
+    # task's yields into blocks by bytes) and splits them itself into engine calls of
+    # job.batch_size rows of one shard (Featurizer._engine_batches): which rows share a call
+    # is fixed by the data, so the features are too (float32 rounding differs by batch, ~5e-6)
     return ds.map_batches(
         Featurizer,
         batch_size=None,
@@ -165,6 +166,7 @@ def build_dataset(
             "deaths": start_registry(),  # bounds a poison row's retries (pipeline/poison.py)
             "max_deaths": job.max_worker_deaths,
             "dtype": job.model_dtype,
+            "batch_size": job.batch_size,
         },
         **resources,
         **actor_env(),
