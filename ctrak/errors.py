@@ -27,3 +27,8 @@ class ConfigError(CtrakError):
 
 class NumericsError(CtrakError):
     """A gradient is NaN/Inf or has zero norm at a timestep, so it cannot be normalised."""
+
+
+class SampleDecodeError(CtrakError):
+    """A training sample cannot be read: no image member, several, or an image that does not
+    decode; the message names the shard, the key and the reason featurize would reject it for."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from ctrak.errors import ConfigError
+from ctrak.errors import ConfigError, SampleDecodeError
 from ctrak.toy.worlds import (
     GENERATOR_VERSION,
     MAX_SHARD_SIZE,
@@ -195,9 +195,35 @@ def generate_world(
     return uris
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # as pipeline.shards reads them
+
+
+def decode_sample_image(parts: dict[str, bytes]) -> np.ndarray:
+    """{extension: bytes} of one sample -> its image (H, W, 3) uint8, decoded as the featurize
+    path does (pipeline.shards.decode_image: JPEG/PNG/WebP, EXIF orientation applied, RGB only,
+    never converted). Raises ValueError with featurize's reject reason."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    found = [ext for ext in IMAGE_EXTENSIONS if ext in parts]
+    if not found:
+        raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
+    if len(found) > 1:
+        raise ValueError(f"several image members ({', '.join(found)})")
+    try:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(parts[found[0]])))
+        if image.mode != "RGB":
+            raise ValueError(f"image mode is {image.mode}, expected RGB")
+        return np.asarray(image, dtype=np.uint8).copy()
+    except UnidentifiedImageError:
+        raise ValueError("undecodable image: not a format Pillow identifies") from None
+    except (OSError, Image.DecompressionBombError) as err:  # truncated, corrupt, bomb
+        raise ValueError(f"undecodable image: {err}") from None
+
+
 def read_samples(uri: str, storage_options: dict | None = None) -> Iterator[dict]:
     """Rows of every tar shard under `uri` (a folder) or of one `.tar`, in key order:
-    {"key", "image": (H, W, 3) uint8, "caption", "labels": dict}."""
+    {"key", "image": (H, W, 3) uint8, "caption", "labels": dict}. Images may be JPEG, PNG or
+    WebP; a sample featurize would reject as unreadable raises SampleDecodeError naming it."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -210,15 +236,23 @@ def read_samples(uri: str, storage_options: dict | None = None) -> Iterator[dict
             for member in tar.getmembers():
                 if member.isfile():
                     key, _, ext = member.name.rpartition(".")
-                    groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                    groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
         for key in sorted(groups):
             parts = groups[key]
-            image = np.asarray(Image.open(io.BytesIO(parts["png"])).convert("RGB"))
+            try:
+                image = decode_sample_image(parts)
+            except ValueError as err:
+                raise SampleDecodeError(
+                    f"sample {key!r} of {path}: {err} (featurize rejects it too); re-encode or "
+                    "remove that sample from the shard"
+                ) from None
+            if "txt" not in parts:
+                raise SampleDecodeError(f"sample {key!r} of {path}: missing caption (.txt member)")
             yield {
                 "key": key,
                 "image": image,
                 "caption": parts["txt"].decode(),
-                "labels": json.loads(parts["json"]),
+                "labels": json.loads(parts["json"]) if "json" in parts else {},
             }
 
 
