@@ -27,3 +27,19 @@ class ConfigError(CtrakError):
 
 class NumericsError(CtrakError):
     """A gradient is NaN/Inf or has zero norm at a timestep, so it cannot be normalised."""
+
+
+class LabelError(ConfigError):
+    """A labelled set's `.json` lacks an attribute key named by --labels, or the labels leave
+    nothing to evaluate (one value per attribute, no rows)."""
+
+
+class CaptionTemplateError(ConfigError):
+    """The query prompt of a label combination cannot be read from the data's captions (the
+    captions do not contain the label values, or follow more than one wording), or an explicit
+    --caption-template does not name exactly the attributes."""
+
+
+class ConceptNotLearnedError(CtrakError):
+    """The model draws an attribute value right less often than the threshold on its trained
+    combinations (the concept check): attributing that concept would measure nothing."""
