@@ -39,14 +39,15 @@ def _component_class(index: dict, name: str, path: Path) -> type:
 
 
 DOCUMENT_SUFFIXES = (".md", ".png", ".jpg")  # notes beside a model: not part of what it computes
-# measurements written beside a model about its draws (ctrak.toy.concept_check): not inputs
-DOCUMENT_NAMES = ("concept_check.json",)
+# records beside a model, not inputs: its draws' concept check (ctrak.toy.concept_check) and
+# where its tokenizer's words came from (ctrak.toy.vocabulary; the words are tokenizer.json)
+DOCUMENT_NAMES = ("concept_check.json", "vocabulary.json")
 
 
 def _fingerprint(path: Path) -> str:
     """sha256 over every config and weight file of the directory, in sorted order (notes such
-    as TRAINING.md and the concept check's concept_check.json are left out: they do not change
-    what the model computes)."""
+    as TRAINING.md, concept_check.json and tokenizer/vocabulary.json are left out: they do
+    not change what the model computes)."""
     digest = hashlib.sha256()
     files = (
         p

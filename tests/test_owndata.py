@@ -219,12 +219,13 @@ def test_eval_on_the_labelled_set(trained, shards, tmp_path):
         ("colour", "red"),
     }
     assert all(r["queries"] == 1 and 0 <= r["precision"] <= 1 for r in records)
-    assert result["queries"]["one red pole on white"]["labels"] == {"thing": "pole", "colour": "red"}
+    assert result["queries"]["one red pole on white"]["labels"] == {
+        "thing": "pole",
+        "colour": "red",
+    }
 
 
-def test_init_with_a_vocabulary_that_lacks_the_caption_words_is_refused(
-    trained, tmp_path, capsys
-):
+def test_init_with_a_vocabulary_that_lacks_the_caption_words_is_refused(trained, tmp_path, capsys):
     other = write_set(tmp_path / "other", per_combo=1, caption="two {colour} {thing} stripes")
     code = main(
         [
@@ -239,13 +240,27 @@ def test_init_with_a_vocabulary_that_lacks_the_caption_words_is_refused(
     assert not (tmp_path / "m" / "model").exists()
 
 
-def test_the_fingerprint_leaves_the_concept_check_out(pixel_model_dir, tmp_path):
+def test_the_fingerprint_leaves_the_concept_check_and_vocabulary_record_out(
+    pixel_model_dir, tmp_path
+):
     from ctrak.model import _fingerprint
 
     copy = tmp_path / "model"
     shutil.copytree(pixel_model_dir, copy)
     before = _fingerprint(copy)
     (copy / "concept_check.json").write_text("{}\n")
+    (copy / "tokenizer" / "vocabulary.json").write_text("{}\n")
     assert _fingerprint(copy) == before
     (copy / "data_spec.json").write_text("{}\n")
     assert _fingerprint(copy) != before  # other JSON beside the model still counts
+
+
+def test_a_jpeg_set_reads_as_the_png_one(shards, tmp_path):
+    """img2dataset's default is JPEG: the same set as .jpg gives the same labels, prompts and
+    held-out combinations, and images within JPEG's loss of the PNG ones (read_samples decodes
+    JPEG/PNG/WebP as featurize does)."""
+    jpeg = load_labelled(str(write_set(tmp_path / "jpg", ext="jpg")), "thing,colour")
+    png = load_labelled(str(shards), "thing,colour")
+    assert jpeg.labels == png.labels and jpeg.combos == png.combos
+    assert jpeg.template == png.template
+    assert float((jpeg.images - png.images).abs().mean()) < 0.1
