@@ -72,16 +72,8 @@ def register(subparsers) -> None:
         "recall@10 vs the exact top-10 in the JSON)",
     )
     parser.add_argument("--index-codes", default="sq4", help="with --index: index codes (sq4)")
-    parser.add_argument(
-        "--data",
-        help="a labelled img2dataset set to evaluate on (with --labels) instead of the model's "
-        "built-in world: the shards the model was trained on",
-    )
-    parser.add_argument(
-        "--labels",
-        help="the .json keys that are the attributes, e.g. shape,colour; held-out combinations "
-        "are those absent from the data",
-    )
+    parser.add_argument("--data", help="labelled shards the model was trained on (+ --labels)")
+    parser.add_argument("--labels", help="the .json keys that are the attributes: shape,colour")
     parser.add_argument(
         "--caption-template",
         help="with --labels: the query prompt of a combination, e.g. 'a {colour} {shape}' "

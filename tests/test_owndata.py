@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctrak.errors import CaptionTemplateError, ConceptNotLearnedError, LabelError
+from ctrak.errors import CaptionTemplateError, ConceptNotLearnedError, ConfigError, LabelError
 from ctrak.tokens import UnknownWordError
 from ctrak.toy.classifier import train_classifier
 from ctrak.toy.concept_check import require_learned
@@ -201,6 +201,8 @@ def test_eval_on_the_labelled_set(trained, shards, tmp_path):
             log=lambda line: None,
         )
     assert not (tmp_path / "bad" / "cache").exists()
+    with pytest.raises(ConfigError, match="needs both --data SHARDS and --labels"):
+        evaluate(model, method_variants(["trak"]), data=str(shards), work=tmp_path / "bad")
     out = tmp_path / "eval.json"
     code = main([*args, str(tmp_path / "ok"), "--min-concept-rate", "0", "--json", str(out)])
     assert code == 0

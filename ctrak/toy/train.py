@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctrak.errors import ConfigError
 from ctrak.model import DiffusionModel
 from ctrak.seeds import generator
 from ctrak.toy.parts import Parts, Progress, checkpoint, load_parts, prepare_base, resume
@@ -100,6 +101,8 @@ def labelled_set(args: argparse.Namespace):
     """The `LabelledSet` of --data with --labels (None without): bad keys or captions that do
     not hold the label values are refused here, before training."""
     if not getattr(args, "labels", None):
+        if getattr(args, "caption_template", None):
+            raise ConfigError("--caption-template needs --labels (the attribute keys)")
         return None
     from ctrak.toy.labelled import load_labelled
 

@@ -121,7 +121,7 @@ def labelled_bench(
     )
 
 
-def check_texts(model: DiffusionModel, combos: Sequence[BenchCombo], attributes) -> None:
+def check_texts(model: DiffusionModel, combos: Sequence[BenchCombo]) -> None:
     """The token check (`ctrak.tokens`) of every query's prompt, concept and negative, before
     any work: an [UNK] or truncated word is refused, named."""
     from ctrak.attribution import resolve_negative
@@ -151,12 +151,8 @@ def check_learned(
     if min_rate <= 0:
         return None
     check, where = load_check(model, guidance), f"{model.path}/concept_check.json"
-    if (
-        check is not None
-        and bench.describe.get("labels")
-        and (check["classifier"].get("attributes") != list(bench.attributes))
-    ):
-        check = None  # made on other attributes (e.g. a built-in world's check)
+    if check is not None and set(check["attributes"]) != set(bench.attributes):
+        check = None  # made on other attributes
     if check is None:
         check = bench.check(model, per_combo=per_combo, guidance=guidance, steps=25, seed=0)
         path = work / f"concept-check-{bench.name}-{model.fingerprint}-g{guidance:g}.json"

@@ -188,9 +188,12 @@ def evaluate(
     trained combinations (0: no check; `check_per_combo` draws when the model has none)."""
     work = Path(work)
     model = DiffusionModel.load(model_dir)
+    if bool(labels) != bool(data) or (caption_template and not labels):
+        raise ConfigError(
+            "a labelled set needs both --data SHARDS and --labels KEY,KEY (--caption-template "
+            f"only with them); got data={data!r}, labels={labels!r}"
+        )
     if labels:
-        if not data:
-            raise ConfigError("--labels needs --data (the labelled shards the model learned)")
         bench = labelled_bench(
             data, labels, caption_template=caption_template, work=work, num_train=num_train, log=log
         )
@@ -198,7 +201,7 @@ def evaluate(
         world = json.loads((Path(model_dir) / "data_spec.json").read_text())["world"]
         bench = world_bench(world, lambda: training_set(Path(model_dir), work, num_train))
     selected = bench.selected(combos)
-    check_texts(model, selected, bench.attributes)
+    check_texts(model, selected)
     check = check_learned(
         model,
         bench,
@@ -209,7 +212,7 @@ def evaluate(
         work=work,
         log=log,
     )
-    images, captions, labels = bench.load_rows()
+    images, captions, row_labels = bench.load_rows()
     world = bench.name
     queries = {}
     if "local" in scopes:
@@ -254,7 +257,7 @@ def evaluate(
                         solved.append(x)
                     for name, best, exact in ranked:
                         precision = [
-                            float(np.mean([labels[i][attr] == value for i in idx]))
+                            float(np.mean([row_labels[i][attr] == value for i in idx]))
                             for idx in best.indices.tolist()
                         ]
                         record = {
