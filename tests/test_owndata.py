@@ -102,9 +102,13 @@ def test_the_classifier_reads_its_own_easy_data(shards):
         data.images, rows, data.attributes, data.values, epochs=40, batch_size=16
     )
     assert classifier.split == {"train": 38, "test": 10}
-    assert classifier.accuracy == {"thing": 1.0, "colour": 1.0}, classifier.accuracy
-    red_pole = _image("pole", "red", np.random.default_rng(5))  # never in its training rows
-    assert classifier.predict_uint8(red_pole)[1] == "red"
+    assert classifier.accuracy == {"thing": 1.0, "colour": 1.0}, classifier.tried
+    # the thing is read without colour identity, the colour without layout (module doc)
+    assert classifier.views == {"thing": "scramble-colour", "colour": "histogram"}
+    assert classifier.tried["colour"]["scramble-colour"] < 0.95  # colour needs its channels
+    rng = np.random.default_rng(5)
+    red_poles = [_image("pole", "red", rng) for _ in range(8)]  # never in its training rows
+    assert [classifier.predict_uint8(im) for im in red_poles] == [("pole", "red")] * 8
 
 
 def test_require_learned_gives_the_numbers_and_the_fix():
