@@ -32,3 +32,19 @@ class NumericsError(CtrakError):
 class SampleDecodeError(CtrakError):
     """A training sample cannot be read: no image member, several, or an image that does not
     decode; the message names the shard, the key and the reason featurize would reject it for."""
+
+
+class LabelError(ConfigError):
+    """A labelled set's `.json` lacks an attribute key named by --labels, or the labels leave
+    nothing to evaluate (one value per attribute, no rows)."""
+
+
+class CaptionTemplateError(ConfigError):
+    """The query prompt of a label combination cannot be read from the data's captions (the
+    captions do not contain the label values, or follow more than one wording), or an explicit
+    --caption-template does not name exactly the attributes."""
+
+
+class ConceptNotLearnedError(CtrakError):
+    """The model draws an attribute value right less often than the threshold on its trained
+    combinations (the concept check): attributing that concept would measure nothing."""

@@ -39,13 +39,21 @@ def _component_class(index: dict, name: str, path: Path) -> type:
 
 
 DOCUMENT_SUFFIXES = (".md", ".png", ".jpg")  # notes beside a model: not part of what it computes
+# records beside a model, not inputs: its draws' concept check (ctrak.toy.concept_check) and
+# where its tokenizer's words came from (ctrak.toy.vocabulary; the words are tokenizer.json)
+DOCUMENT_NAMES = ("concept_check.json", "vocabulary.json")
 
 
 def _fingerprint(path: Path) -> str:
     """sha256 over every config and weight file of the directory, in sorted order (notes such
-    as TRAINING.md are left out: editing them does not change the model)."""
+    as TRAINING.md, concept_check.json and tokenizer/vocabulary.json are left out: they do
+    not change what the model computes)."""
     digest = hashlib.sha256()
-    files = (p for p in path.rglob("*") if p.is_file() and p.suffix not in DOCUMENT_SUFFIXES)
+    files = (
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix not in DOCUMENT_SUFFIXES and p.name not in DOCUMENT_NAMES
+    )
     for file in sorted(files):
         digest.update(str(file.relative_to(path)).encode())
         with file.open("rb") as handle:

@@ -23,6 +23,7 @@ JOB_MODULES = (
     "jobs.generate",
     "jobs.train_toy",
     "jobs.eval",
+    "jobs.check_concepts",
     "jobs.bench",
     "jobs.demo",
 )

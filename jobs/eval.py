@@ -1,4 +1,5 @@
-"""`ctrak eval`: Precision@10 of every method on a synthetic world, in the paper's layout."""
+"""`ctrak eval`: Precision@10 of every method on a synthetic world or a labelled set
+(`--data SHARDS --labels KEY,KEY`), in the paper's layout."""
 
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def register(subparsers) -> None:
         "recall@10 vs the exact top-10 in the JSON)",
     )
     parser.add_argument("--index-codes", default="sq4", help="with --index: index codes (sq4)")
+    parser.add_argument("--data", help="labelled shards the model was trained on (+ --labels)")
+    parser.add_argument("--labels", help="the .json keys that are the attributes: shape,colour")
+    parser.add_argument(
+        "--caption-template",
+        help="with --labels: the query prompt of a combination, e.g. 'a {colour} {shape}' "
+        "(default: read from the captions by substituting the label values)",
+    )
+    parser.add_argument(
+        "--min-concept-rate",
+        type=float,
+        default=0.8,
+        help="refuse a target the model draws right less often on trained combinations "
+        "(MODEL/concept_check.json; 0: no check)",
+    )
+    parser.add_argument(
+        "--check-per-combo",
+        type=int,
+        default=16,
+        help="draws per combination when the concept check is drawn here",
+    )
     parser.add_argument("--work", default="runs/eval", help="data and feature cache folder")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.add_argument("--json", metavar="PATH", help="write every record as JSON")
@@ -110,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         query_seed=args.query_seed,
         index=IndexSpec(codes=args.index_codes) if args.index else None,
+        data=args.data,
+        labels=args.labels,
+        caption_template=args.caption_template,
+        min_concept_rate=args.min_concept_rate,
+        check_per_combo=args.check_per_combo,
     )
     table = markdown_table(result)
     print(table)

@@ -81,6 +81,30 @@ def register(subparsers) -> None:
         default=1.0,
         help="CFG weight for sample grids (toy-paper composes its held-out combination at 1)",
     )
+    parser.add_argument(
+        "--labels",
+        help="labelled set: the .json keys that are the attributes (e.g. shape,colour); the "
+        "final concept check then uses a small classifier trained on the shards",
+    )
+    parser.add_argument(
+        "--caption-template",
+        help="with --labels: the query prompt of a combination, e.g. 'a {colour} {shape}' "
+        "(default: read from the captions)",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        choices=("captions", "builtin", "builtin+captions"),
+        default="captions",
+        help="tokenizer words: those of the training captions; the fixed DEFAULT_WORDS the "
+        "shipped toy models were trained with; or those followed by the caption words they "
+        "lack (recorded in model/tokenizer/vocabulary.json)",
+    )
+    parser.add_argument(
+        "--check-per-combo",
+        type=int,
+        default=16,
+        help="draws per combination of the final concept check (0: no check)",
+    )
     parser.add_argument("--grid", help="also copy the final sample grid here (PNG)")
     parser.add_argument(
         "--grid-only", metavar="MODEL_DIR", help="no training: draw the grid of MODEL_DIR to --out"

@@ -142,6 +142,7 @@ def test_train_toy_tiny_run(tmp_path):
         *("--data", str(data), "--out", str(out), "--channels", "8,16", "--text-dim", "16"),
         *("--steps", "40", "--batch-size", "12", "--lr", "3e-3", "--warmup", "5"),
         *("--log-every", "1", "--threads", "1", "--eval-per-combo", "1", "--sample-steps", "2"),
+        *("--check-per-combo", "2"),
         *("--grid", str(tmp_path / "grid.png"), "--json", str(tmp_path / "summary.json")),
     ]
     assert main(argv) == 0
@@ -155,6 +156,10 @@ def test_train_toy_tiny_run(tmp_path):
     assert model.prediction_type == "v_prediction"  # the default target (see train_toy doc)
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert set(summary["samples"]) == {c.caption for c in world_combos("paper")}
+    check = json.loads((out / "model" / "concept_check.json").read_text())  # a built-in world:
+    assert check["classifier"]["classifier"].startswith("ctrak.toy.worlds.classify")
+    assert check["attributes"]["colour"]["red"]["heldout_draws"] == 2  # the red triangle
+    assert summary["concept_check"] == check
 
 
 def test_attribute_dropout_spells_the_query_negatives():
@@ -190,7 +195,7 @@ def test_train_toy_fine_tunes_from_init(tmp_path):
     data = tmp_path / "data"
     generate_world("paper", str(data), num_images=12, image_size=16, shard_size=100)
     common = ["--data", str(data), "--channels", "8,16", "--text-dim", "16", "--threads", "1"]
-    common += ["--batch-size", "6", "--eval-per-combo", "0"]
+    common += ["--batch-size", "6", "--eval-per-combo", "0", "--check-per-combo", "0"]
     assert main(["train-toy", *common, "--out", str(tmp_path / "a"), "--steps", "3"]) == 0
     init = DiffusionModel.load(tmp_path / "a" / "model")
     argv = ["train-toy", *common, "--out", str(tmp_path / "b"), "--steps", "2", "--lr", "1e-2"]

@@ -86,12 +86,21 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def prepare_base(args: argparse.Namespace, out: Path, image_size: int) -> Path:
-    """OUT/base: a copy of --init (fine-tuning), else a fresh `build_tiny_model` with the
-    --prediction target written into its scheduler config."""
+def prepare_base(
+    args: argparse.Namespace, out: Path, image_size: int, captions: list[str] | None = None
+) -> Path:
+    """OUT/base: a copy of --init (fine-tuning; its tokenizer must cover the captions), else a
+    fresh `build_tiny_model` with the --prediction target written into its scheduler config
+    and its vocabulary from `captions` per --vocabulary (`ctrak.toy.vocabulary`)."""
     from diffusers import DDPMScheduler
 
+    from ctrak.toy import vocabulary
     from ctrak.toy.tiny import build_tiny_model
+
+    captions = captions or []
+    words, record = vocabulary.vocabulary_for(
+        getattr(args, "vocabulary", "builtin"), captions, str(getattr(args, "data", ""))
+    )
 
     base = out / "base"
     if args.init and not (base / "model_index.json").exists():
@@ -108,12 +117,33 @@ def prepare_base(args: argparse.Namespace, out: Path, image_size: int) -> Path:
             layers_per_block=args.layers_per_block,
             text_dim=args.text_dim,
             text_layers=args.text_layers,
+            words=words,
+            max_length=max(8, vocabulary.longest_caption(captions)),
             seed=derive_seed(args.seed, "train-toy-init"),
         )
+        vocabulary.write_record(base, record)
         sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         sched = DDPMScheduler.from_config(sched.config, prediction_type=args.prediction)
         sched.save_pretrained(base / "scheduler")
+    check_covered(base, captions)
     return base
+
+
+def check_covered(base: Path, captions: list[str]) -> None:
+    """UnknownWordError when a training caption has a word the base tokenizer maps to [UNK]
+    (an --init model trained on other words): the model would learn [UNK], silently."""
+    from ctrak.tokens import UnknownWordError, unknown_words
+    from ctrak.toy.vocabulary import caption_words
+
+    tokenizer = DiffusionModel.load(base).tokenizer
+    unknown = unknown_words(tokenizer, " ".join(caption_words(captions)))
+    if unknown:
+        raise UnknownWordError(
+            f"the training captions have word(s) {unknown[:20]} that the tokenizer of {base} "
+            "maps to [UNK]: the model would learn them as one unknown token. Train from scratch "
+            "(no --init; the vocabulary is built from the captions) or --init from a model "
+            "whose vocabulary holds them"
+        )
 
 
 def load_parts(args: argparse.Namespace, base: Path) -> Parts:

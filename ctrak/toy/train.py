@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctrak.errors import ConfigError
 from ctrak.model import DiffusionModel
 from ctrak.seeds import generator
 from ctrak.toy.parts import Parts, Progress, checkpoint, load_parts, prepare_base, resume
@@ -94,6 +95,43 @@ def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[s
         options = _attribute_drops(text)
         out.append(options[w] if d and options else text)
     return out
+
+
+def labelled_set(args: argparse.Namespace):
+    """The `LabelledSet` of --data with --labels (None without): bad keys or captions that do
+    not hold the label values are refused here, before training."""
+    if not getattr(args, "labels", None):
+        if getattr(args, "caption_template", None):
+            raise ConfigError("--caption-template needs --labels (the attribute keys)")
+        return None
+    from ctrak.toy.labelled import load_labelled
+
+    return load_labelled(args.data, args.labels, caption_template=args.caption_template)
+
+
+def final_concept_check(
+    args: argparse.Namespace, world: str | None, labelled, out: Path
+) -> dict | None:
+    """The concept check of OUT/model at --guidance (`ctrak.toy.concept_check`), printed and
+    written to OUT/model/concept_check.json; None with --check-per-combo 0 or neither a
+    labelled set nor a built-in world to read the draws by."""
+    from ctrak.toy.concept_check import labelled_check, save_check, summary_line, world_check
+
+    if getattr(args, "check_per_combo", 0) <= 0 or (labelled is None and not world):
+        log.info("no concept check (pass --labels KEY,KEY for a labelled set)")
+        return None
+    model = DiffusionModel.load(out / "model")
+    kwargs = dict(per_combo=args.check_per_combo, guidance=args.guidance, steps=args.sample_steps)
+    if labelled is not None:
+        from ctrak.toy.classifier import classifier_for
+
+        classifier = classifier_for(labelled, out / "classifier", log.info)
+        check = labelled_check(model, labelled, classifier, seed=args.seed, **kwargs)
+    else:
+        check = world_check(model, world, seed=args.seed, **kwargs)
+    log.info("%s", summary_line(check))
+    log.info("wrote %s", save_check(out / "model", check))
+    return check
 
 
 # ---- training ------------------------------------------------------------------------------
@@ -181,13 +219,14 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # 1. data into memory
     x0_all, captions, keys, spec = load_shards(args.data)
+    labelled = labelled_set(args)  # checked before any training
     n, _, height, _ = x0_all.shape
     world = args.world or (spec or {}).get("world")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config.update(data_spec=spec, num_train_images=n, image_size=height, world=world)
     (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # 2. model from the tiny builder (or --init), then its components as trainable modules
-    parts = load_parts(args, prepare_base(args, out, height))
+    parts = load_parts(args, prepare_base(args, out, height, captions))
     n_params = sum(p.numel() for p in parts.unet.parameters())
     # 3. resume
     state_path = out / "state.pt"
@@ -243,6 +282,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.grid and result is not None:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(final / "samples.png", args.grid)
+    check = final_concept_check(args, world, labelled, out)
     losses = [r["loss_avg"] for r in progress.history]
     return {
         "model": str(out / "model"),
@@ -260,6 +300,7 @@ def train(args: argparse.Namespace) -> dict:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "samples": result,
+        "concept_check": check,
         "first_key": keys[0],
     }
 

@@ -5,7 +5,8 @@ as the target concept, a query is the combination's prompt with that concept; a 
 image is relevant when it has the target attribute value. Local scope attributes N images the
 model generated for the prompt (optionally kept only when a classifier sees the intended
 combination, as the paper did); global scope samples the model under the prompt. Methods are
-named AttributionConfigs, so the ablation is the same loop over other configs.
+named AttributionConfigs, so the ablation is the same loop over other configs. The world is a
+built-in one or any labelled set (`pipeline.evaluation.labelled`: `data` + `labels`).
 """
 
 from __future__ import annotations
@@ -14,96 +15,37 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctrak.attribution import Attributor, Query
-from ctrak.config import (
-    DEFAULT_TOP_K,
-    AttributionConfig,
-    GradientConfig,
-    InversionConfig,
-    QueryConfig,
-)
+from ctrak.config import DEFAULT_TOP_K
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
 from ctrak.kernel import scores, solve
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
+from ctrak.toy.concept_check import DEFAULT_MIN_RATE
 from ctrak.toy.world_shards import generate_world, read_samples
-from ctrak.toy.worlds import classify, world_combos
+from pipeline.evaluation.labelled import (
+    Bench,
+    check_learned,
+    check_texts,
+    labelled_bench,
+    world_bench,
+)
+from pipeline.evaluation.variants import (  # noqa: F401 (re-exported: jobs/eval.py, tests)
+    Variant,
+    ablation_variants,
+    cost_variants,
+    method_variants,
+    reference_variants,
+)
 from pipeline.index import IndexSpec
 from pipeline.index_memory import MemoryIndex, recall
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A named attribution configuration (a method, or one step of the ablation)."""
-
-    name: str
-    config: AttributionConfig
-
-
-def method_variants(methods: Sequence[str], **overrides) -> list[Variant]:
-    """One Variant per method with the project's defaults (plus `overrides` on GradientConfig)."""
-    return [Variant(m, AttributionConfig.for_method(m, **overrides)) for m in methods]
-
-
-def ablation_variants() -> list[Variant]:
-    """The paper's ablation (docs/method.md section 5), one component added per step:
-    denoising loss -> + concept utility -> + DPS training loss -> + DDIM inversion ->
-    + per-timestep normalisation (= Concept-TRAK)."""
-
-    def cfg(method: str, state: str, normalize: bool, utility: str) -> AttributionConfig:
-        gradient = GradientConfig(method=method, state=state, normalize=normalize)
-        return AttributionConfig(gradient=gradient, query=QueryConfig(utility=utility))
-
-    return [
-        Variant("DSM (TRAK)", cfg("trak", "noised", False, "same")),
-        Variant("+ concept utility", cfg("trak", "noised", False, "concept")),
-        Variant("+ DPS training loss", cfg("concept-trak", "noised", False, "concept")),
-        Variant("+ DDIM inversion", cfg("concept-trak", "inverted", False, "concept")),
-        Variant("+ per-timestep norm", cfg("concept-trak", "inverted", True, "concept")),
-    ]
-
-
-def cost_variants() -> list[Variant]:
-    """The cost knobs of Concept-TRAK: inversion steps, guidance during inversion, and the
-    number of gradient timesteps (all else default)."""
-    out = []
-    for steps, guidance in ((10, 1.0), (50, 1.0), (10, 3.0)):
-        inversion = InversionConfig(num_steps=steps, guidance=guidance)
-        out.append(
-            Variant(
-                f"inversion {steps} steps, cfg {guidance:g}", AttributionConfig(inversion=inversion)
-            )
-        )
-    for timesteps in ((299, 599, 899), (499,)):
-        out.append(
-            Variant(
-                f"timesteps {','.join(map(str, timesteps))}",
-                AttributionConfig(gradient=GradientConfig(timesteps=timesteps)),
-            )
-        )
-    return out
-
-
-def reference_variants() -> list[Variant]:
-    """Concept-TRAK's default path against the benchmark's naive reference (exact per-sample
-    gradients, dense JL to k = 2048, 50-step CFG 7.5 inversion: `ctrak bench`'s naive), over
-    all parameters (the benchmark's toy section) and over attn2 (its SD-shaped section, and
-    the shipped default): the P@10 side of the benchmark's speed-ups."""
-    from pipeline.bench.speed import default_config, naive_config
-
-    return [
-        Variant("default path, all params", default_config(())),
-        Variant("naive reference, all params", naive_config((), 2048)),
-        Variant("default path, attn2 (shipped)", AttributionConfig()),
-        Variant("naive reference, attn2", naive_config(("attn2",), 2048)),
-    ]
 
 
 def training_set(model_dir: Path, work: Path, num_train: int | None = None):
@@ -133,7 +75,7 @@ def training_set(model_dir: Path, work: Path, num_train: int | None = None):
 
 def query_images(
     model: DiffusionModel,
-    world: str,
+    world: str | Bench,
     per_combo: int,
     *,
     seed: int = 1000,
@@ -144,9 +86,11 @@ def query_images(
     combos: Sequence[str] | None = None,
 ) -> dict[str, dict]:
     """caption -> {"images": (n, 3, H, W), "generated": int, "kept": int} for every
-    combination of the world (or the `combos` captions; the seeds do not depend on which)."""
+    combination of the world (or the `combos` captions; the seeds do not depend on which).
+    `world`: a built-in world's name or a `Bench`, whose reader confirms the images."""
+    bench = world if isinstance(world, Bench) else world_bench(world)
     out = {}
-    for i, combo in enumerate(world_combos(world)):
+    for i, combo in enumerate(bench.combos):
         if combos is not None and combo.caption not in combos:
             continue
         kept, generated, drawn = [], 0, []
@@ -162,7 +106,7 @@ def query_images(
             drawn.extend(batch)
             for image in batch:
                 array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-                if not keep_only_correct or classify(array, world) == (combo.shape, combo.colour):
+                if not keep_only_correct or tuple(bench.read(array)) == combo.values:
                     kept.append(image)
             if len(kept) >= per_combo or not keep_only_correct:
                 break
@@ -174,8 +118,7 @@ def query_images(
             "generated": generated,
             "kept": confirmed,
             "heldout": combo.heldout,
-            "shape": combo.shape,
-            "colour": combo.colour,
+            **combo.info,
         }
     return out
 
@@ -223,6 +166,11 @@ def evaluate(
     top_k: int = DEFAULT_TOP_K,
     log: Callable[[str], None] = print,
     index: IndexSpec | None = None,
+    data: str | None = None,
+    labels: str | Sequence[str] | None = None,
+    caption_template: str | None = None,
+    min_concept_rate: float = DEFAULT_MIN_RATE,
+    check_per_combo: int = 16,
 ) -> dict:
     """Precision@top_k per (variant, scope, combination, target). Returns a JSON-able dict.
 
@@ -233,15 +181,43 @@ def evaluate(
     `combos` restricts the queries to these captions (default: every combination).
     `index`: also rank every query through a vector index of the features
     (`pipeline.index_memory`; variant "<name> + index", with recall@top_k vs the exact top-k
-    per record), and save the features and solved queries to <work>/index-queries-*.npz."""
+    per record), and save the features and solved queries to <work>/index-queries-*.npz.
+    `data` + `labels` (+ `caption_template`): evaluate on that labelled set instead of the
+    model's built-in world (`pipeline.evaluation.labelled`). Before any work, every query text
+    is token-checked and every target must pass the concept check at `min_concept_rate` on
+    trained combinations (0: no check; `check_per_combo` draws when the model has none)."""
     work = Path(work)
     model = DiffusionModel.load(model_dir)
-    images, captions, labels = training_set(Path(model_dir), work, num_train)
-    world = json.loads((Path(model_dir) / "data_spec.json").read_text())["world"]
+    if bool(labels) != bool(data) or (caption_template and not labels):
+        raise ConfigError(
+            "a labelled set needs both --data SHARDS and --labels KEY,KEY (--caption-template "
+            f"only with them); got data={data!r}, labels={labels!r}"
+        )
+    if labels:
+        bench = labelled_bench(
+            data, labels, caption_template=caption_template, work=work, num_train=num_train, log=log
+        )
+    else:
+        world = json.loads((Path(model_dir) / "data_spec.json").read_text())["world"]
+        bench = world_bench(world, lambda: training_set(Path(model_dir), work, num_train))
+    selected = bench.selected(combos)
+    check_texts(model, selected)
+    check = check_learned(
+        model,
+        bench,
+        selected,
+        min_rate=min_concept_rate,
+        guidance=guidance,
+        per_combo=check_per_combo,
+        work=work,
+        log=log,
+    )
+    images, captions, row_labels = bench.load_rows()
+    world = bench.name
     queries = {}
     if "local" in scopes:
         queries = query_images(
-            model, world, per_combo, seed=query_seed, guidance=guidance, combos=combos
+            model, bench, per_combo, seed=query_seed, guidance=guidance, combos=combos
         )
     for caption, q in queries.items():
         log(f"query images for {caption!r}: kept {q['kept']} of {q['generated']} generated")
@@ -259,10 +235,8 @@ def evaluate(
                 num_draws=global_draws,
                 sample_guidance=guidance,
             )
-            for combo in world_combos(world):
-                if combos is not None and combo.caption not in combos:
-                    continue
-                for attr, value in (("shape", combo.shape), ("colour", combo.colour)):
+            for combo in selected:
+                for attr, value in zip(bench.attributes, combo.values, strict=True):
                     if scope == "local":
                         q = queries[combo.caption]
                         if q["images"] is None:
@@ -283,7 +257,7 @@ def evaluate(
                         solved.append(x)
                     for name, best, exact in ranked:
                         precision = [
-                            float(np.mean([labels[i][attr] == value for i in idx]))
+                            float(np.mean([row_labels[i][attr] == value for i in idx]))
                             for idx in best.indices.tolist()
                         ]
                         record = {
@@ -329,6 +303,14 @@ def evaluate(
         "query_configs": {v.name: asdict(v.config.query) for v in variants},
         "costs": costs,
         "records": records,
+        **(
+            {"labelled": {**bench.describe, "classifier": bench.classifier()}}
+            if bench.classifier
+            else {}
+        ),
+        "concept_check": None
+        if check is None
+        else {k: check[k] for k in ("guidance", "per_combo", "classifier", "attributes")},
     }
 
 
