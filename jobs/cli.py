@@ -24,6 +24,7 @@ JOB_MODULES = (
     "jobs.train_toy",
     "jobs.eval",
     "jobs.check_concepts",
+    "jobs.counterfactual",
     "jobs.bench",
     "jobs.demo",
 )

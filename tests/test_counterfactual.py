@@ -1,0 +1,144 @@
+"""The counterfactual check at CI size: a tiny 8 px paper world (24 images), a 6-step toy
+model, one removal size, two rankings (Concept-TRAK and random). Asserts what holds at any
+size - the removed images are exactly each ranking's top m and absent from what the retrain
+read, a retrain without removal reproduces the base weights bit for bit, presence rates and
+their intervals are consistent - not whether the removal lowered the concept (the full
+measurement, docs/counterfactual.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctrak.config import ProjectionConfig
+from ctrak.errors import ConfigError
+from ctrak.toy.train import train
+from ctrak.toy.world_shards import generate_world, read_samples
+from jobs.cli import build_parser
+from pipeline.evaluation.counterfactual import (
+    Plan,
+    measure,
+    ranking,
+    removal_id,
+    retrain_args,
+    wilson,
+    write_subset,
+)
+from pipeline.evaluation.counterfactual_table import claims, markdown
+from pipeline.evaluation.synthetic_bench import Variant, method_variants
+
+UNET = ("unet", "diffusion_pytorch_model.safetensors")
+
+
+def _train_args(data, out, *extra):
+    return build_parser().parse_args(
+        ["train-toy", "--data", str(data), "--out", str(out), "--channels", "8,16"]
+        + ["--text-dim", "16", "--batch-size", "8", "--steps", "6", "--warmup", "2"]
+        + ["--attribute-dropout", "0.3", "--eval-per-combo", "0", "--threads", "1", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cf")
+    generate_world("paper", str(root / "data"), num_images=24, image_size=8, seed=0)
+    train(_train_args(root / "data", root / "base"))
+    (ct,) = method_variants(["concept-trak"], timesteps=(499,))
+    ct = Variant(ct.name, replace(ct.config, projection=ProjectionConfig(k=32)))
+    plan = Plan(
+        run=root / "base",
+        prompt="a red triangle",
+        targets=("red",),
+        variants=(ct,),
+        sizes=(4,),
+        seeds=(0,),
+        draws=16,
+        sample_steps=4,
+        rank_draws=2,
+        work=root / "work",
+    )
+    updates = []
+    result = measure(plan, log=lambda line: None, on_update=updates.append)
+    return root, plan, result, updates
+
+
+def test_removed_images_are_the_rankings_top_m_and_absent_from_the_retrain(measured):
+    root, plan, result, _ = measured
+    all_keys = [r["key"] for r in read_samples(str(root / "data"))]
+    scores = json.loads((plan.work / "rankings" / "concept-trak-red.json").read_text())
+    assert scores["keys"] == all_keys
+    top = {all_keys[i] for i in ranking(torch.tensor(scores["scores"]).numpy())[:4]}
+    by_ranking = {r["ranking"]: r for r in result["records"]}
+    assert set(by_ranking) == {"none", "concept-trak", "random"}
+    for name, record in by_ranking.items():
+        folder = plan.work / "retrains" / record["retrain"]
+        removed = set(json.loads((folder / "result.json").read_text())["removed"])
+        assert len(removed) == record["m"] == (0 if name == "none" else 4)
+        if name == "concept-trak":
+            assert removed == top
+        trained = [r["key"] for r in read_samples(str(folder / "data"))]
+        assert set(trained) == set(all_keys) - removed and len(trained) == 24 - len(removed)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["num_train_images"] == 24 - len(removed) and summary["steps"] == 6
+    assert by_ranking["random"]["removed_by_combo"] != {}  # 4 images, counted by combination
+
+
+def test_retrain_without_removal_reproduces_the_base_weights(measured):
+    root, plan, result, _ = measured
+    (none,) = [r for r in result["records"] if r["ranking"] == "none"]
+    base = load_file(root.joinpath("base", "model", *UNET))
+    again = load_file(plan.work.joinpath("retrains", none["retrain"], "train", "model", *UNET))
+    assert base.keys() == again.keys()
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    removed = [r for r in result["records"] if r["ranking"] == "concept-trak"][0]
+    assert removed["unet_sha256"] != none["unet_sha256"]  # fewer images: other weights
+
+
+def test_presence_rates_intervals_and_table(measured):
+    _, plan, result, updates = measured
+    assert len(updates) == len(result["records"]) == 3  # one partial result per retrain
+    for record in result["records"]:
+        for attr in ("shape", "colour", "both"):
+            p = record["presence"][attr]
+            assert p["n"] == plan.draws and p["rate"] == p["k"] / p["n"]
+            assert 0 <= p["lo"] <= p["rate"] <= p["hi"] <= 1
+        assert sum(record["presence"]["labels"].values()) == plan.draws
+    table = markdown(result)
+    assert "| none (seed 0) | 0 | - |" in table
+    assert "Target 'red' (colour); the other attribute is the shape." in table
+    assert (
+        sum(
+            line.startswith(("| concept-trak | 4 ", "| random | 4 ")) for line in table.splitlines()
+        )
+        == 2
+    )
+    (check,) = claims(result)
+    assert check["target"] == "red" and check["m"] == 4 and check["compared_with"] == ["random"]
+
+
+def test_rerun_resumes_from_the_cache(measured):
+    root, plan, result, _ = measured
+    again = measure(plan, log=lambda line: None)  # every retrain cached: no training
+    assert again["records"] == result["records"]
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # Wilson (1927) 95% intervals: 0/10 -> [0, 0.2775], 5/10 -> [0.2366, 0.7634]
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    with pytest.raises(ConfigError, match="0 <= k <= n"):
+        wilson(11, 10)
+
+
+def test_bad_removals_and_finetuned_runs_are_refused(tmp_path, measured):
+    root, *_ = measured
+    with pytest.raises(ConfigError, match="not in"):
+        write_subset(str(root / "data"), tmp_path / "sub", ["999999999"])
+    config = json.loads((root / "base" / "train_config.json").read_text())
+    with pytest.raises(ConfigError, match="from scratch"):
+        retrain_args({**config, "init": "some/model"}, tmp_path, tmp_path / "o", 0)
+    assert removal_id(["b", "a"], 0) == removal_id(["a", "b"], 0) != removal_id(["a"], 0)
