@@ -35,11 +35,10 @@ UNET = ("unet", "diffusion_pytorch_model.safetensors")
 
 
 def _train_args(data, out, *extra):
-    return build_parser().parse_args(
-        ["train-toy", "--data", str(data), "--out", str(out), "--channels", "8,16"]
-        + ["--text-dim", "16", "--batch-size", "8", "--steps", "6", "--warmup", "2"]
-        + ["--attribute-dropout", "0.3", "--eval-per-combo", "0", "--threads", "1", *extra]
-    )
+    recipe = "--channels 8,16 --text-dim 16 --batch-size 8 --steps 6 --warmup 2 "
+    recipe += "--attribute-dropout 0.3 --eval-per-combo 0 --threads 1"
+    argv = ["train-toy", "--data", str(data), "--out", str(out), *recipe.split(), *extra]
+    return build_parser().parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_retrain_without_removal_reproduces_the_base_weights(measured):
     again = load_file(plan.work.joinpath("retrains", none["retrain"], "train", "model", *UNET))
     assert base.keys() == again.keys()
     assert all(torch.equal(base[k], again[k]) for k in base)
-    removed = [r for r in result["records"] if r["ranking"] == "concept-trak"][0]
+    removed = next(r for r in result["records"] if r["ranking"] == "concept-trak")
     assert removed["unet_sha256"] != none["unet_sha256"]  # fewer images: other weights
 
 
@@ -121,7 +120,7 @@ def test_presence_rates_intervals_and_table(measured):
 
 
 def test_rerun_resumes_from_the_cache(measured):
-    root, plan, result, _ = measured
+    _, plan, result, _ = measured
     again = measure(plan, log=lambda line: None)  # every retrain cached: no training
     assert again["records"] == result["records"]
 
