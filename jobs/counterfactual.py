@@ -34,6 +34,12 @@ def register(subparsers) -> None:
         default="0,1",
         help="training seeds of the no-removal baseline; removals retrain with the first",
     )
+    parser.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="take the base run's model as the no-removal retrain at its own seed (a retrain "
+        "reproduces it bit for bit) instead of training it again",
+    )
     parser.add_argument("--draws", type=int, default=128, help="draws per presence rate")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG of draws and ranking")
     parser.add_argument("--sample-steps", type=int, default=25)
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         rank_draws=args.rank_draws,
         random=not args.no_random,
+        reuse_base=args.reuse_base,
         work=Path(args.work),
         extra={"overrides": args.set},
     )

@@ -63,6 +63,7 @@ class Plan:
     rank_draws: int = 16
     draw_seed: int = 7
     random: bool = True
+    reuse_base: bool = False  # the no-removal job at the base seed reads the base model
     random_seed: int = 0
     work: Path = Path("runs/counterfactual")
     extra: dict = field(default_factory=dict)
@@ -301,26 +302,26 @@ def rankings(plan: Plan, log: Callable[[str], None] = print) -> dict:
 
 
 def _removals(plan: Plan, orders: dict, keys: list[str]) -> list[dict]:
-    """The retrains in run order: the no-removal baseline at the first seed, then each size
-    (largest first: the clearest signal lands first) for every ranking, then the other
-    baseline seeds."""
-    base = [
-        {"ranking": "none", "target": None, "m": 0, "seed": s, "removed": []} for s in plan.seeds
-    ]
-    jobs = base[:1]
-    for m in sorted(plan.sizes, reverse=True):
-        for (name, target), order in orders.items():
-            removed = [keys[i] for i in order[:m]]
-            jobs.append(
-                {
-                    "ranking": name,
-                    "target": target,
-                    "m": m,
-                    "seed": plan.seeds[0],
-                    "removed": removed,
-                }
-            )
-    return jobs + base[1:]
+    """The retrains in run order (what lands first when the budget runs out): the no-removal
+    baseline at the first seed; the largest size for every ranking of the first target; the
+    other baseline seeds; then the remaining (size, target) blocks, largest size first."""
+
+    def none(seed: int) -> dict:
+        return {"ranking": "none", "target": None, "m": 0, "seed": seed, "removed": []}
+
+    jobs = [none(plan.seeds[0])]
+    for i, m in enumerate(sorted(plan.sizes, reverse=True)):
+        for j, target in enumerate(plan.targets):
+            for (name, t), order in orders.items():
+                if t == target:
+                    removed = [keys[k] for k in order[:m]]
+                    jobs.append(
+                        {"ranking": name, "target": t, "m": m, "seed": plan.seeds[0]}
+                        | {"removed": removed}
+                    )
+            if i == j == 0:
+                jobs += [none(seed) for seed in plan.seeds[1:]]
+    return jobs
 
 
 def _retrain_result(plan: Plan, config: dict, job: dict, log: Callable[[str], None]) -> dict:
@@ -333,8 +334,15 @@ def _retrain_result(plan: Plan, config: dict, job: dict, log: Callable[[str], No
     if path.is_file():
         return json.loads(path.read_text())
     start = time.time()
-    model_dir = retrain(config, config["data"], job["removed"], job["seed"], folder)
-    train_minutes = (time.time() - start) / 60
+    reuse = plan.reuse_base and not job["removed"] and job["seed"] == config["seed"]
+    if reuse:  # the base run is this retrain (same recipe, data and seed: bit for bit)
+        model_dir = plan.run / "model"
+        with (plan.run / "train_log.jsonl").open() as handle:
+            elapsed = [json.loads(line).get("elapsed_s", 0.0) for line in handle]
+        train_minutes = max(elapsed) / 60
+    else:
+        model_dir = retrain(config, config["data"], job["removed"], job["seed"], folder)
+        train_minutes = (time.time() - start) / 60
     found = presence(
         model_dir,
         config["world"],
@@ -351,6 +359,7 @@ def _retrain_result(plan: Plan, config: dict, job: dict, log: Callable[[str], No
         "presence": found,
         "train_minutes": round(train_minutes, 2),
         "unet_sha256": hashlib.sha256(weights).hexdigest(),
+        "reused_base": reuse,
     }
     # the resume state and checkpoints go; the subset (what it trained on), model and result stay
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
