@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.config_file import with_overrides
-    from pipeline.evaluation.counterfactual import Plan, measure
+    from pipeline.evaluation.counterfactual_run import Plan, measure
     from pipeline.evaluation.counterfactual_table import markdown
     from pipeline.evaluation.synthetic_bench import Variant, method_variants
 

@@ -20,14 +20,13 @@ from ctrak.toy.train import train
 from ctrak.toy.world_shards import generate_world, read_samples
 from jobs.cli import build_parser
 from pipeline.evaluation.counterfactual import (
-    Plan,
-    measure,
     ranking,
     removal_id,
     retrain_args,
     wilson,
     write_subset,
 )
+from pipeline.evaluation.counterfactual_run import Plan, measure
 from pipeline.evaluation.counterfactual_table import claims, markdown
 from pipeline.evaluation.synthetic_bench import Variant, method_variants
 

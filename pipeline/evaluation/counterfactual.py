@@ -16,7 +16,8 @@ combination) and a target concept:
 
 Every retrain is cached under <work>/retrains/<id>/ (its `result.json` written last), keyed
 by the removed keys and the seed, so an interrupted run resumes and two rankings that remove
-the same images (the whole-image baselines ignore the concept) share one retrain. The table:
+the same images (the whole-image baselines ignore the concept) share one retrain: the plan
+and the run order are `pipeline.evaluation.counterfactual_run`, the table
 `pipeline.evaluation.counterfactual_table`.
 """
 
@@ -28,8 +29,8 @@ import io
 import json
 import math
 import tarfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,31 +43,6 @@ RANDOM = "random"
 ATTRIBUTES = ("shape", "colour")
 # keys of a train-toy run's train_config.json that are records, not trainer arguments
 _RECORD_KEYS = ("data_spec", "num_train_images", "image_size")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One counterfactual measurement. `run`: a `ctrak train-toy` output folder (its
-    train_config.json is the recipe, its model/ the base model that ranks). `sizes`: numbers
-    of removed images. `seeds`: training seeds of the no-removal baseline (the first is the
-    seed every removal retrains with)."""
-
-    run: Path
-    prompt: str
-    targets: tuple[str, ...]
-    variants: tuple[Variant, ...]
-    sizes: tuple[int, ...]
-    seeds: tuple[int, ...] = (0,)
-    draws: int = 128
-    guidance: float = 1.0
-    sample_steps: int = 25
-    rank_draws: int = 16
-    draw_seed: int = 7
-    random: bool = True
-    reuse_base: bool = False  # the no-removal job at the base seed reads the base model
-    random_seed: int = 0
-    work: Path = Path("runs/counterfactual")
-    extra: dict = field(default_factory=dict)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -249,14 +225,6 @@ def presence(
     }
 
 
-# ---- the measurement -----------------------------------------------------------------------
-def _json_atomic(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def attribute_of(world: str, value: str) -> str:
     """ "red" -> "colour", "triangle" -> "shape" in the world's vocabulary."""
     from ctrak.toy.worlds import WORLDS
@@ -265,166 +233,3 @@ def attribute_of(world: str, value: str) -> str:
         if value in WORLDS[world][key]:
             return attr
     raise ConfigError(f"target {value!r} is neither a shape nor a colour of world {world!r}")
-
-
-def rankings(plan: Plan, log: Callable[[str], None] = print) -> dict:
-    """{(ranking name, target): row order (N,)} for every variant and target, plus the
-    random ranking (one for all targets); cached under <work>/rankings/."""
-    from ctrak.model import DiffusionModel
-
-    config = json.loads((plan.run / "train_config.json").read_text())
-    images, captions, keys, _ = load_training_set(config["data"])
-    out = {}
-    model = None
-    for variant in plan.variants:
-        for target in plan.targets:
-            path = plan.work / "rankings" / f"{variant.name}-{target}.json".replace(" ", "_")
-            if not path.is_file():
-                model = model or DiffusionModel.load(plan.run / "model")
-                s = method_scores(
-                    model,
-                    variant,
-                    images,
-                    captions,
-                    plan.prompt,
-                    target,
-                    draws=plan.rank_draws,
-                    guidance=plan.guidance,
-                    cache=plan.work / "cache",
-                )
-                _json_atomic(path, {"keys": keys, "scores": s.tolist()})
-                log(f"ranked {variant.name} / {target}")
-            out[(variant.name, target)] = ranking(np.array(json.loads(path.read_text())["scores"]))
-    if plan.random:
-        for target in plan.targets:
-            out[(RANDOM, target)] = random_ranking(len(keys), plan.random_seed)
-    return out
-
-
-def _removals(plan: Plan, orders: dict, keys: list[str]) -> list[dict]:
-    """The retrains in run order (what lands first when the budget runs out): the no-removal
-    baseline at the first seed; the largest size for every ranking of the first target; the
-    other baseline seeds; then the remaining (size, target) blocks, largest size first."""
-
-    def none(seed: int) -> dict:
-        return {"ranking": "none", "target": None, "m": 0, "seed": seed, "removed": []}
-
-    jobs = [none(plan.seeds[0])]
-    for i, m in enumerate(sorted(plan.sizes, reverse=True)):
-        for j, target in enumerate(plan.targets):
-            for (name, t), order in orders.items():
-                if t == target:
-                    removed = [keys[k] for k in order[:m]]
-                    jobs.append(
-                        {"ranking": name, "target": t, "m": m, "seed": plan.seeds[0]}
-                        | {"removed": removed}
-                    )
-            if i == j == 0:
-                jobs += [none(seed) for seed in plan.seeds[1:]]
-    return jobs
-
-
-def _retrain_result(plan: Plan, config: dict, job: dict, log: Callable[[str], None]) -> dict:
-    """One retrain's cached result (retrained, drawn and classified when not cached)."""
-    import shutil
-    import time
-
-    folder = plan.work / "retrains" / removal_id(job["removed"], job["seed"])
-    path = folder / "result.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    start = time.time()
-    reuse = plan.reuse_base and not job["removed"] and job["seed"] == config["seed"]
-    if reuse:  # the base run is this retrain (same recipe, data and seed: bit for bit)
-        model_dir = plan.run / "model"
-        with (plan.run / "train_log.jsonl").open() as handle:
-            elapsed = [json.loads(line).get("elapsed_s", 0.0) for line in handle]
-        train_minutes = max(elapsed) / 60
-    else:
-        model_dir = retrain(config, config["data"], job["removed"], job["seed"], folder)
-        train_minutes = (time.time() - start) / 60
-    found = presence(
-        model_dir,
-        config["world"],
-        plan.prompt,
-        draws=plan.draws,
-        guidance=plan.guidance,
-        steps=plan.sample_steps,
-        seed=plan.draw_seed,
-    )
-    weights = (model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    result = {
-        "removed": sorted(job["removed"]),
-        "seed": job["seed"],
-        "presence": found,
-        "train_minutes": round(train_minutes, 2),
-        "unet_sha256": hashlib.sha256(weights).hexdigest(),
-        "reused_base": reuse,
-    }
-    # the resume state and checkpoints go; the subset (what it trained on), model and result stay
-    shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)
-    (folder / "train" / "state.pt").unlink(missing_ok=True)
-    _json_atomic(path, result)
-    log(
-        f"retrain {job['ranking']}/{job['target']}/m={job['m']}/seed={job['seed']}: "
-        f"{train_minutes:.1f} min; shape {found['shape']['rate']:.2f} "
-        f"colour {found['colour']['rate']:.2f}"
-    )
-    return result
-
-
-def measure(
-    plan: Plan,
-    log: Callable[[str], None] = print,
-    on_update: Callable[[dict], None] | None = None,
-) -> dict:
-    """Rank, remove, retrain, draw (module doc). Returns the JSON-able result; `on_update`
-    gets the partial result after every retrain (to write and commit as it comes)."""
-    config = json.loads((plan.run / "train_config.json").read_text())
-    world = config["world"]
-    for target in plan.targets:
-        attribute_of(world, target)
-    _, _, keys, labels = load_training_set(config["data"])
-    orders = rankings(plan, log)
-    result = {
-        "run": str(plan.run),
-        "world": world,
-        "prompt": plan.prompt,
-        "targets": list(plan.targets),
-        "num_train": len(keys),
-        "sizes": list(plan.sizes),
-        "seeds": list(plan.seeds),
-        "draws": plan.draws,
-        "guidance": plan.guidance,
-        "sample_steps": plan.sample_steps,
-        "rank_draws": plan.rank_draws,
-        "draw_seed": plan.draw_seed,
-        "train_steps": config["steps"],
-        "variants": {v.name: v.config.provenance() for v in plan.variants},
-        **plan.extra,
-        "records": [],
-    }
-    key_row = {k: i for i, k in enumerate(keys)}
-    for job in _removals(plan, orders, keys):
-        found = _retrain_result(plan, config, job, log)
-        rows = [labels[key_row[k]] for k in job["removed"]]
-        combos: dict[str, int] = {}
-        for lab in rows:
-            name = f"{lab['colour']} {lab['shape']}"
-            combos[name] = combos.get(name, 0) + 1
-        record = {k: v for k, v in job.items() if k != "removed"}
-        record.update(
-            retrain=removal_id(job["removed"], job["seed"]),
-            removed_by_combo=dict(sorted(combos.items())),
-            train_minutes=found["train_minutes"],
-            unet_sha256=found["unet_sha256"],
-            presence=found["presence"],
-        )
-        if job["target"] is not None:
-            attr = attribute_of(world, job["target"])
-            record["attribute"] = attr
-            record["removed_with_target"] = sum(lab[attr] == job["target"] for lab in rows)
-        result["records"].append(record)
-        if on_update is not None:
-            on_update(result)
-    return result
