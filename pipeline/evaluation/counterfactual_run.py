@@ -212,6 +212,7 @@ def measure(
             removed_by_combo=dict(sorted(combos.items())),
             train_minutes=found["train_minutes"],
             unet_sha256=found["unet_sha256"],
+            reused_base=found.get("reused_base", False),
             presence=found["presence"],
         )
         if job["target"] is not None:

@@ -78,6 +78,22 @@ def markdown(result: dict) -> str:
             f"| none (seed {r['seed']}) | 0 | - | {_cell(r['presence']['shape'])} | "
             f"{_cell(r['presence']['colour'])} |"
         )
+    base = baselines(result)
+    if len(base) > 1:
+        spread = {
+            a: (
+                min(r["presence"][a]["rate"] for r in base),
+                max(r["presence"][a]["rate"] for r in base),
+            )
+            for a in ("shape", "colour")
+        }
+        lines += [
+            "",
+            f"Retrain-to-retrain spread without removal ({len(base)} seeds): shape "
+            f"{spread['shape'][0]:.2f}-{spread['shape'][1]:.2f}, colour "
+            f"{spread['colour'][0]:.2f}-{spread['colour'][1]:.2f}; a drop inside it is "
+            "not evidence (the removals all train with seed 0).",
+        ]
     for target in result["targets"]:
         rows = [r for r in result["records"] if r["target"] == target]
         if not rows:
@@ -118,11 +134,14 @@ def markdown(result: dict) -> str:
                 f"(next: {c['target_runner_up']}) | {_yes(c['target_separated'])} | "
                 f"{_yes(c['other_kept_best'])} | {_yes(c['other_kept_separated'])} |"
             )
-    minutes = [r["train_minutes"] for r in result["records"]]
+    unique = {r["retrain"]: r for r in result["records"] if not r.get("reused_base")}
+    minutes = [r["train_minutes"] for r in unique.values()]
     if minutes:
         lines += [
             "",
-            f"{len(minutes)} retrains, {min(minutes):.1f}-{max(minutes):.1f} min each "
+            f"{len(result['records'])} rows from {len(minutes)} retrains (rankings that remove "
+            "the same images share one; the seed-0 baseline is the base run), "
+            f"{min(minutes):.1f}-{max(minutes):.1f} min each "
             f"(mean {sum(minutes) / len(minutes):.1f}).",
         ]
     return "\n".join(lines)
