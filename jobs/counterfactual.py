@@ -28,6 +28,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-random", action="store_true", help="leave out the random-removal control"
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="add the label control: remove the images whose label has the target first "
+        "(shows whether the world registers a removal at all)",
+    )
     parser.add_argument("--sizes", default="100,200", help="numbers of removed images")
     parser.add_argument(
         "--seeds",
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         rank_draws=args.rank_draws,
         random=not args.no_random,
+        oracle=args.oracle,
         reuse_base=args.reuse_base,
         work=Path(args.work),
         extra={"overrides": args.set},

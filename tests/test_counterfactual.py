@@ -57,6 +57,7 @@ def measured(tmp_path_factory):
         draws=16,
         sample_steps=4,
         rank_draws=2,
+        oracle=True,
         work=root / "work",
     )
     updates = []
@@ -71,11 +72,13 @@ def test_removed_images_are_the_rankings_top_m_and_absent_from_the_retrain(measu
     assert scores["keys"] == all_keys
     top = {all_keys[i] for i in ranking(torch.tensor(scores["scores"]).numpy())[:4]}
     by_ranking = {r["ranking"]: r for r in result["records"]}
-    assert set(by_ranking) == {"none", "concept-trak", "random"}
+    assert set(by_ranking) == {"none", "concept-trak", "random", "labels"}
     for name, record in by_ranking.items():
         folder = plan.work / "retrains" / record["retrain"]
         removed = set(json.loads((folder / "result.json").read_text())["removed"])
         assert len(removed) == record["m"] == (0 if name == "none" else 4)
+        if name == "labels":  # the oracle control removes only red images (8 of 24 are)
+            assert record["removed_with_target"] == 4 == record["removed_by_combo"]["red circle"]
         if name == "concept-trak":
             assert removed == top
         trained = [r["key"] for r in read_samples(str(folder / "data"))]
@@ -98,7 +101,7 @@ def test_retrain_without_removal_reproduces_the_base_weights(measured):
 
 def test_presence_rates_intervals_and_table(measured):
     _, plan, result, updates = measured
-    assert len(updates) == len(result["records"]) == 3  # one partial result per retrain
+    assert len(updates) == len(result["records"]) == 4  # one partial result per retrain
     for record in result["records"]:
         for attr in ("shape", "colour", "both"):
             p = record["presence"][attr]

@@ -40,6 +40,7 @@ from ctrak.errors import ConfigError
 from pipeline.evaluation.synthetic_bench import Variant
 
 RANDOM = "random"
+ORACLE = "labels"  # the control that knows the answer: every image with the target first
 ATTRIBUTES = ("shape", "colour")
 # keys of a train-toy run's train_config.json that are records, not trainer arguments
 _RECORD_KEYS = ("data_spec", "num_train_images", "image_size")
@@ -119,6 +120,15 @@ def random_ranking(n: int, seed: int) -> np.ndarray:
     from ctrak.seeds import generator
 
     return torch.randperm(n, generator=generator(seed, "counterfactual-random")).numpy()
+
+
+def label_ranking(labels: list[dict], attribute: str, value: str, seed: int) -> np.ndarray:
+    """The oracle control: the rows whose label has `attribute` == `value` first, then the
+    rest, each group in a seeded random order. Its top-m removal is the most a ranking can
+    take from the concept, so it shows whether the world can register a removal at all."""
+    perm = random_ranking(len(labels), seed)
+    carries = np.array([labels[i][attribute] == value for i in perm])
+    return np.concatenate([perm[carries], perm[~carries]])
 
 
 # ---- removal and retraining ----------------------------------------------------------------

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.evaluation.counterfactual import (
+    ORACLE,
     RANDOM,
     attribute_of,
+    label_ranking,
     load_training_set,
     method_scores,
     presence,
@@ -48,6 +50,7 @@ class Plan:
     rank_draws: int = 16
     draw_seed: int = 7
     random: bool = True
+    oracle: bool = False
     reuse_base: bool = False  # the no-removal job at the base seed reads the base model
     random_seed: int = 0
     work: Path = Path("runs/counterfactual")
@@ -63,11 +66,12 @@ def _json_atomic(path: Path, value: dict) -> None:
 
 def rankings(plan: Plan, log: Callable[[str], None] = print) -> dict:
     """{(ranking name, target): row order (N,)} for every variant and target, plus the
-    random ranking (one for all targets); cached under <work>/rankings/."""
+    random ranking (one for all targets) and, with `plan.oracle`, the label ranking; the
+    methods' scores cached under <work>/rankings/."""
     from ctrak.model import DiffusionModel
 
     config = json.loads((plan.run / "train_config.json").read_text())
-    images, captions, keys, _ = load_training_set(config["data"])
+    images, captions, keys, labels = load_training_set(config["data"])
     out = {}
     model = None
     for variant in plan.variants:
@@ -92,6 +96,10 @@ def rankings(plan: Plan, log: Callable[[str], None] = print) -> dict:
     if plan.random:
         for target in plan.targets:
             out[(RANDOM, target)] = random_ranking(len(keys), plan.random_seed)
+    if plan.oracle:
+        for target in plan.targets:
+            attr = attribute_of(config["world"], target)
+            out[(ORACLE, target)] = label_ranking(labels, attr, target, plan.random_seed)
     return out
 
 

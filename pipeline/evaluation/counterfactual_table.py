@@ -4,6 +4,7 @@ result -> markdown), `ctrak counterfactual`'s output and docs/counterfactual.md.
 from __future__ import annotations
 
 OTHER = {"shape": "colour", "colour": "shape"}
+ORACLE = "labels"  # = pipeline.evaluation.counterfactual.ORACLE (a control, not a competitor)
 
 
 def _cell(r: dict) -> str:
@@ -25,14 +26,15 @@ def claims(result: dict) -> list[dict]:
     """Per (target, m): whether Concept-TRAK's removal lowered the target's presence more
     than every other ranking's, and the other attribute's less (a drop = baseline - after;
     "separated" = Concept-TRAK's interval lies wholly on the claimed side of every other's).
-    Only (target, m) pairs where Concept-TRAK and at least one other ranking are done."""
+    Only (target, m) pairs where Concept-TRAK and at least one other ranking are done; the
+    label oracle is a control, not compared."""
     out = []
     removals = [r for r in result["records"] if r["ranking"] != "none"]
     for target in result["targets"]:
         for m in sorted({r["m"] for r in removals}):
             rows = [r for r in removals if r["target"] == target and r["m"] == m]
             ours = [r for r in rows if r["ranking"] == "concept-trak"]
-            others = [r for r in rows if r["ranking"] != "concept-trak"]
+            others = [r for r in rows if r["ranking"] not in ("concept-trak", ORACLE)]
             if not ours or not others:
                 continue
             attr = ours[0]["attribute"]
