@@ -34,6 +34,11 @@ def register(subparsers) -> None:
         help="add the label control: remove the images whose label has the target first "
         "(shows whether the world registers a removal at all)",
     )
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: the table of the retrains already in --work",
+    )
     parser.add_argument("--sizes", default="100,200", help="numbers of removed images")
     parser.add_argument(
         "--seeds",
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         rank_draws=args.rank_draws,
         random=not args.no_random,
         oracle=args.oracle,
+        cached_only=args.cached_only,
         reuse_base=args.reuse_base,
         work=Path(args.work),
         extra={"overrides": args.set},

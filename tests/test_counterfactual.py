@@ -125,6 +125,9 @@ def test_rerun_resumes_from_the_cache(measured):
     _, plan, result, _ = measured
     again = measure(plan, log=lambda line: None)  # every retrain cached: no training
     assert again["records"] == result["records"]
+    # --cached-only with a size never trained: that size's retrains are left out, not run
+    partial = measure(replace(plan, sizes=(4, 2), cached_only=True), log=lambda line: None)
+    assert partial["records"] == result["records"]
 
 
 def test_wilson_interval_matches_the_textbook_values():

@@ -51,6 +51,7 @@ class Plan:
     draw_seed: int = 7
     random: bool = True
     oracle: bool = False
+    cached_only: bool = False  # report the retrains already done, train nothing
     reuse_base: bool = False  # the no-removal job at the base seed reads the base model
     random_seed: int = 0
     work: Path = Path("runs/counterfactual")
@@ -208,6 +209,9 @@ def measure(
     }
     key_row = {k: i for i, k in enumerate(keys)}
     for job in _removals(plan, orders, keys):
+        done = plan.work / "retrains" / removal_id(job["removed"], job["seed"]) / "result.json"
+        if plan.cached_only and not done.is_file():
+            continue  # a report of what is done: the rest is left to a later run
         found = _retrain_result(plan, config, job, log)
         rows = [labels[key_row[k]] for k in job["removed"]]
         combos: dict[str, int] = {}
