@@ -35,7 +35,7 @@ UNET = ("unet", "diffusion_pytorch_model.safetensors")
 
 def _train_args(data, out, *extra):
     recipe = "--channels 8,16 --text-dim 16 --batch-size 8 --steps 6 --warmup 2 "
-    recipe += "--attribute-dropout 0.3 --eval-per-combo 0 --threads 1"
+    recipe += "--attribute-dropout 0.3 --eval-per-combo 0 --threads 1 --vocabulary builtin"
     argv = ["train-toy", "--data", str(data), "--out", str(out), *recipe.split(), *extra]
     return build_parser().parse_args(argv)
 
@@ -145,4 +145,6 @@ def test_bad_removals_and_finetuned_runs_are_refused(tmp_path, measured):
     config = json.loads((root / "base" / "train_config.json").read_text())
     with pytest.raises(ConfigError, match="from scratch"):
         retrain_args({**config, "init": "some/model"}, tmp_path, tmp_path / "o", 0)
+    with pytest.raises(ConfigError, match="--vocabulary builtin"):
+        retrain_args({**config, "vocabulary": "captions"}, tmp_path, tmp_path / "o", 0)
     assert removal_id(["b", "a"], 0) == removal_id(["a", "b"], 0) != removal_id(["a"], 0)

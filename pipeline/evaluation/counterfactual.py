@@ -182,6 +182,13 @@ def retrain_args(train_config: dict, data: Path, out: Path, seed: int) -> argpar
             "scratch, so train the base model in one from-scratch run (see "
             "docs/counterfactual-world.md)"
         )
+    if args.get("vocabulary", "builtin") != "builtin":
+        raise ConfigError(
+            f"the base run built its vocabulary from its captions (--vocabulary "
+            f"{args['vocabulary']}); a retrain on fewer images would get another tokenizer "
+            "(a removed word would vanish from it), so train the base run with "
+            "--vocabulary builtin"
+        )
     args.update(data=str(data), out=str(out), seed=int(seed), resume=False)
     args.update(eval_per_combo=0, grid=None, json=None, ckpt_minutes=float("inf"))
     return argparse.Namespace(**args)
