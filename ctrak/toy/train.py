@@ -33,6 +33,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +73,32 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _attribute_drops(caption: str) -> list[str]:
-    """ "a red triangle" -> ["a triangle", "a red"]: the caption without each attribute word,
-    spelled exactly as `ctrak.attribution.resolve_negative` spells a query's c-."""
+def attribute_words(captions: Sequence[str]) -> frozenset[str]:
+    """The words that vary across the captions (those not in every caption): the attribute
+    values of a templated world ("a red triangle": red, blue, triangle, circle; "a heart icon
+    on blue": heart, moon, blue, orange)."""
+    sets = [set(c.split()) for c in captions if c]
+    return frozenset(set.union(*sets) - set.intersection(*sets)) if sets else frozenset()
+
+
+def _attribute_drops(caption: str, attributes: frozenset[str] | None = None) -> list[str]:
+    """ "a red triangle" -> ["a triangle", "a red"]: the caption without each attribute word
+    (in caption order), spelled exactly as `ctrak.attribution.resolve_negative` spells a
+    query's c-. `attributes`: the attribute words (None: the last two of a 3-word caption)."""
     from ctrak.attribution import resolve_negative
 
     words = caption.split()
-    if len(words) != 3:
+    if attributes is None:
+        attributes = frozenset(words[1:]) if len(words) == 3 else frozenset()
+    found = [w for w in words if w in attributes]
+    if len(found) != 2:
         return []
-    return [resolve_negative(caption, word, None) for word in words[1:]]
+    return [resolve_negative(caption, word, None) for word in found]
 
 
-def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[str]:
+def _drop_attributes(
+    texts: list[str], p: float, seed: int, step: int, attributes: frozenset[str] | None = None
+) -> list[str]:
     """Replace each caption, with probability p, by itself minus one attribute word (chosen
     uniformly), so the concept slider's c- ("a red", "a triangle") is a condition the model
     was trained on, as the per-attribute null label of the paper's class-conditional model."""
@@ -92,7 +107,7 @@ def _drop_attributes(texts: list[str], p: float, seed: int, step: int) -> list[s
     which = torch.randint(0, 2, (len(texts),), generator=gen)
     out = []
     for text, d, w in zip(texts, drop.tolist(), which.tolist(), strict=True):
-        options = _attribute_drops(text)
+        options = _attribute_drops(text, attributes)
         out.append(options[w] if d and options else text)
     return out
 
@@ -227,6 +242,7 @@ def train(args: argparse.Namespace) -> dict:
     (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # 2. model from the tiny builder (or --init), then its components as trainable modules
     parts = load_parts(args, prepare_base(args, out, height, captions))
+    attributes = attribute_words(list(dict.fromkeys(captions)))
     n_params = sum(p.numel() for p in parts.unet.parameters())
     # 3. resume
     state_path = out / "state.pt"
@@ -235,7 +251,7 @@ def train(args: argparse.Namespace) -> dict:
     cond_cache = None
     if not parts.train_text:  # a frozen encoder: each caption's condition computed once
         with torch.no_grad():
-            texts = {*captions, *(a for c in captions for a in _attribute_drops(c)), ""}
+            texts = {*captions, *(a for c in captions for a in _attribute_drops(c, attributes)), ""}
             cond_cache = {text: parts.encode([text])[0] for text in texts}
     batches = Batches(n, args.batch_size, args.seed)
     batches.replay(progress.step)
@@ -249,7 +265,7 @@ def train(args: argparse.Namespace) -> dict:
         idx, drop = batches.next(args.prompt_dropout)
         texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop, strict=True)]
         if args.attribute_dropout > 0:  # own stream: runs without it keep their batches
-            texts = _drop_attributes(texts, args.attribute_dropout, args.seed, step)
+            texts = _drop_attributes(texts, args.attribute_dropout, args.seed, step, attributes)
         if cond_cache is not None:
             cond = torch.stack([cond_cache[s] for s in texts])
         else:

@@ -3,9 +3,10 @@
 Everything is a pure function of (world, split, num_images, image_size, seed): image i of a
 split is combo i mod (number of combos of that split) - so any prefix is balanced - with
 position and size drawn from `derive_seed(seed, "synthetic", world, split, i)`. Shards follow
-img2dataset: `00000.tar` with `{key}.png|txt|json`, `00000.parquet` with the same rows, and
-`00000_stats.json`; key = 5-digit shard id + 4-digit index. `spec.json` at the root records
-the arguments, so the exact set can be regenerated; a rerun skips shards whose stats exist.
+img2dataset: `00000.tar` with `{key}.png|txt|json` (`.jpg` for the icon worlds),
+`00000.parquet` with the same rows, and `00000_stats.json`; key = 5-digit shard id + 4-digit
+index. `spec.json` at the root records the arguments, so the exact set can be regenerated;
+a rerun skips shards whose stats exist.
 
     python -m ctrak.toy.world_shards WORLD OUT --num-images N --image-size S --seed K
 """
@@ -22,15 +23,16 @@ import numpy as np
 from PIL import Image
 
 from ctrak.errors import ConfigError, SampleDecodeError
+from ctrak.toy.icons import jpeg
 from ctrak.toy.worlds import (
     GENERATOR_VERSION,
     MAX_SHARD_SIZE,
-    WORLDS,
     Split,
     World,
-    caption,
+    image_format,
     sample_row,
     split_combos,
+    world_names,
 )
 
 
@@ -127,7 +129,9 @@ def generate_world(
     """
     import fsspec
 
-    split_combos(world, split)  # validates world and split
+    combos = {(c.shape, c.colour): c for c in split_combos(world, split)}  # validates both
+    ext = image_format(world)
+    encode = _png if ext == "png" else jpeg
     if num_images < 1:
         raise ConfigError(f"num_images={num_images} must be >= 1")
     if image_size < 8:
@@ -167,11 +171,11 @@ def generate_world(
         for j in range(min(shard_size, num_images - shard * shard_size)):
             image, labels = sample_row(world, split, shard * shard_size + j, image_size, seed)
             key = f"{shard:05d}{j:04d}"
-            text = caption(labels["shape"], labels["colour"])
+            text = combos[labels["shape"], labels["colour"]].caption
             meta = {"key": key, "caption": text, **labels}
             meta_json = json.dumps(meta, sort_keys=True)
             members += [
-                (f"{key}.png", _png(image)),
+                (f"{key}.{ext}", encode(image)),
                 (f"{key}.txt", text.encode()),
                 (f"{key}.json", meta_json.encode()),
             ]
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ctrak.toy.world_shards", description=__doc__)
-    parser.add_argument("world", choices=sorted(WORLDS))
+    parser.add_argument("world", choices=sorted(world_names()))
     parser.add_argument("out", help="local folder or fsspec URI")
     parser.add_argument("--num-images", type=int, required=True)
     parser.add_argument("--image-size", type=int, default=32)

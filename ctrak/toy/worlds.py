@@ -10,6 +10,9 @@ attribute. Two worlds:
   (red, triangle), (blue, square), (green, cross), (yellow, circle) held out, so every shape
   and every colour still appears in training with three partners.
 
+A third, `icons` (a white heart or moon on a blue or orange background, JPEG, "a {shape}
+icon on {colour}"), lives in `ctrak.toy.icons`; the functions here dispatch to it.
+
 Image i of a split is combo i mod (number of combos of that split) - so any prefix is
 balanced - with position and size drawn from `derive_seed(seed, "synthetic", world, split,
 i)`. The shards of a world: `ctrak.toy.world_shards`.
@@ -26,7 +29,7 @@ from PIL import Image, ImageDraw
 from ctrak.errors import ConfigError
 from ctrak.seeds import derive_seed
 
-World = Literal["paper", "wide"]
+World = Literal["paper", "wide", "icons"]
 Split = Literal["train", "heldout", "all"]
 
 GENERATOR_VERSION = "ctrak-synthetic/1"
@@ -66,10 +69,11 @@ class Combo:
     shape: str
     colour: str
     heldout: bool
+    template: str = "a {colour} {shape}"
 
     @property
     def caption(self) -> str:
-        return caption(self.shape, self.colour)
+        return self.template.format(shape=self.shape, colour=self.colour)
 
 
 def caption(shape: str, colour: str) -> str:
@@ -78,17 +82,38 @@ def caption(shape: str, colour: str) -> str:
 
 
 def _world(world: str) -> dict[str, tuple]:
+    from ctrak.toy.icons import ICON_WORLDS
+
+    if world in ICON_WORLDS:
+        return ICON_WORLDS[world]
     if world not in WORLDS:
-        raise ConfigError(f"world={world!r} is not one of {list(WORLDS)}")
+        raise ConfigError(f"world={world!r} is not one of {[*WORLDS, *ICON_WORLDS]}")
     return WORLDS[world]
+
+
+def world_names() -> list[str]:
+    """Every built-in world: paper, wide and the icon worlds."""
+    from ctrak.toy.icons import ICON_WORLDS
+
+    return [*WORLDS, *ICON_WORLDS]
+
+
+def image_format(world: World) -> str:
+    """The image member of the world's shards: "png", or "jpg" for the icon worlds."""
+    from ctrak.toy.icons import ICON_WORLDS
+
+    return "jpg" if world in ICON_WORLDS else "png"
 
 
 def world_combos(world: World) -> list[Combo]:
     """Every combination of the world, shapes major, with its held-out flag."""
+    from ctrak.toy.icons import ICON_WORLDS, TEMPLATE
+
     spec = _world(world)
     heldout = set(spec["heldout"])
+    template = TEMPLATE if world in ICON_WORLDS else Combo.template
     return [
-        Combo(shape, colour, (shape, colour) in heldout)
+        Combo(shape, colour, (shape, colour) in heldout, template)
         for shape in spec["shapes"]
         for colour in spec["colours"]
     ]
@@ -160,9 +185,13 @@ def sample_row(
     world: World, split: Split, index: int, image_size: int, seed: int
 ) -> tuple[np.ndarray, dict]:
     """Image `index` of a split -> ((H, W, 3) uint8, labels). Combo = index mod #combos."""
+    from ctrak.toy.icons import ICON_WORLDS, render_icon, sample_icon_geometry
+
     combos = split_combos(world, split)
     combo = combos[index % len(combos)]
-    cx, cy, size = sample_geometry(image_size, derive_seed(seed, "synthetic", world, split, index))
+    icon = world in ICON_WORLDS
+    geometry = sample_icon_geometry if icon else sample_geometry
+    cx, cy, size = geometry(image_size, derive_seed(seed, "synthetic", world, split, index))
     labels = {
         "shape": combo.shape,
         "colour": combo.colour,
@@ -171,7 +200,8 @@ def sample_row(
         "cy": cy,
         "size": size,
     }
-    return render(combo.shape, combo.colour, (cx, cy), size, image_size), labels
+    draw = render_icon if icon else render
+    return draw(combo.shape, combo.colour, (cx, cy), size, image_size), labels
 
 
 # ---- classification (for filtering generated images) --------------------------------------
@@ -209,6 +239,10 @@ def classify(image: np.ndarray, world: World) -> tuple[str | None, str | None]:
     world's shape whose template, stretched to the foreground's bounding box, overlaps it
     best (IoU >= 0.6). A filter for generated query images (docs/method.md section 6).
     """
+    from ctrak.toy.icons import ICON_WORLDS, classify_icon
+
+    if world in ICON_WORLDS:  # a white pictogram on a coloured background
+        return classify_icon(image, world)
     spec = _world(world)
     rgb = image.astype(np.float32)
     mask = _foreground(rgb)  # (H, W)
