@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ctrak.errors import ConfigError
+from ctrak.toy.worlds import despeckle
 
 ICON_WORLDS: dict[str, dict[str, tuple]] = {
     "icons": {
@@ -130,16 +131,7 @@ def classify_icon(image: np.ndarray, world: str) -> tuple[str | None, str | None
     best = min(dist, key=dist.get)
     colour = best if dist[best] < 90 else None
     # 1. the ink: bright in every channel, far above the background's darkest channel
-    mask = rgb.min(axis=2) > background.min() + 60
-    padded = np.pad(mask, 1).astype(int)
-    height, width = mask.shape
-    neighbours = sum(
-        padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
-        if dy or dx
-    )
-    mask &= neighbours >= 2
+    mask = despeckle(rgb.min(axis=2) > background.min() + 60)
     rows, cols = np.nonzero(mask.sum(axis=1) >= 2)[0], np.nonzero(mask.sum(axis=0) >= 2)[0]
     if mask.sum() < 8 or len(rows) < 4 or len(cols) < 4:
         return None, colour

@@ -218,7 +218,11 @@ def _foreground(rgb: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels far from the background colour (median of the border), minus
     speckles (pixels with fewer than 2 foreground pixels among their 8 neighbours)."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    mask = np.abs(rgb - np.median(border, axis=0)).max(axis=2) > 70
+    return despeckle(np.abs(rgb - np.median(border, axis=0)).max(axis=2) > 70)
+
+
+def despeckle(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> the pixels of `mask` with at least 2 of their 8 neighbours in it."""
     padded = np.pad(mask, 1).astype(int)
     height, width = mask.shape
     neighbours = sum(
