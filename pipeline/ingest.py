@@ -154,7 +154,8 @@ def build_dataset(
     # batch_size=None: the actor takes whole blocks (Ray's output buffer merges a decode
     # task's yields into blocks by bytes) and splits them itself into engine calls of
     # job.batch_size rows of one shard (Featurizer._engine_batches): which rows share a call
-    # is fixed by the data, so the features are too (float32 rounding differs by batch, ~5e-6)
+    # is fixed by the data unless Ray cuts a group over two blocks (float32 rounding differs
+    # by batch, ~5e-6; docs/faults.md)
     return ds.map_batches(
         Featurizer,
         batch_size=None,
