@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ctrak.errors import ConfigError
-from ctrak.toy.worlds import despeckle
+from ctrak.toy.worlds import despeckle, template_iou
 
 ICON_WORLDS: dict[str, dict[str, tuple]] = {
     "icons": {
@@ -136,12 +136,7 @@ def classify_icon(image: np.ndarray, world: str) -> tuple[str | None, str | None
     if mask.sum() < 8 or len(rows) < 4 or len(cols) < 4:
         return None, colour
     # 2. template IoU inside the bounding box
-    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    box = mask[y0:y1, x0:x1]
-    iou = {}
-    for shape in spec["shapes"]:
-        tmpl = _icon_template(shape, y1 - y0, x1 - x0)
-        iou[shape] = float((tmpl & box).sum() / max((tmpl | box).sum(), 1))
+    _, iou = template_iou(mask, rows, cols, spec["shapes"], _icon_template)
     ranked = sorted(iou, key=iou.get, reverse=True)
     top, second = iou[ranked[0]], iou[ranked[1]] if len(ranked) > 1 else 0.0
     ok = top >= MIN_IOU[ranked[0]] and top - second >= 0.05

@@ -221,6 +221,18 @@ def _foreground(rgb: np.ndarray) -> np.ndarray:
     return despeckle(np.abs(rgb - np.median(border, axis=0)).max(axis=2) > 70)
 
 
+def template_iou(mask, rows, cols, shapes, template) -> tuple[np.ndarray, dict[str, float]]:
+    """The foreground's bounding box (rows, cols: its occupied indices) of `mask` (H, W) and,
+    per shape, the IoU of `template(shape, height, width)` stretched to that box."""
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    box = mask[y0:y1, x0:x1]
+    iou = {}
+    for shape in shapes:
+        tmpl = template(shape, y1 - y0, x1 - x0)
+        iou[shape] = float((tmpl & box).sum() / max((tmpl | box).sum(), 1))
+    return box, iou
+
+
 def despeckle(mask: np.ndarray) -> np.ndarray:
     """(H, W) bool -> the pixels of `mask` with at least 2 of their 8 neighbours in it."""
     padded = np.pad(mask, 1).astype(int)
@@ -260,12 +272,7 @@ def classify(image: np.ndarray, world: World) -> tuple[str | None, str | None]:
         dist = {c: float(np.linalg.norm(median - PALETTE[c])) for c in spec["colours"]}
         best = min(dist, key=dist.get)
         colour = best if dist[best] < 90 else None
-    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    box = mask[y0:y1, x0:x1]
-    iou = {}
-    for shape in spec["shapes"]:
-        tmpl = _template(shape, y1 - y0, x1 - x0)
-        iou[shape] = float((tmpl & box).sum() / max((tmpl | box).sum(), 1))
+    box, iou = template_iou(mask, rows, cols, spec["shapes"], _template)
     # the apex-up triangle is the one shape much narrower in its top third than its bottom
     # third (ratio ~0.2; 1 for the others): IoU alone confuses small pixelated triangles
     third = max(box.shape[0] // 3, 1)
