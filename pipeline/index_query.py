@@ -183,29 +183,20 @@ def index_scan(
     """x (q, k) float64 -> (rescored candidates in `pipeline.query.score_shards`' format,
     run info): steps 1-3 of the module docstring, on Ray. `shard_ids`: the store's finished
     shards in the exact scan's order (their positions make the gids)."""
-    import ray
-
-    from pipeline.cluster import named_errors
-
     nprobe = int(nprobe or info["nprobe"])
     groups = info["groups"]
     records = {g["id"]: g for g in groups}
     # 1. scatter over the index shards
-    items = [{"group": g["id"]} for g in groups]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    found = _scatter(
+        [{"group": g["id"]} for g in groups],
         search_groups,
-        batch_size=1,
-        fn_kwargs={
-            "store_uri": store.uri,
-            "storage": store.storage,
-            "records": records,
-            "x": x,
-            "nprobe": nprobe,
-            "count": rescore,
-        },
+        store_uri=store.uri,
+        storage=store.storage,
+        records=records,
+        x=x,
+        nprobe=nprobe,
+        count=rescore,
     )
-    with named_errors():
-        found = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     # 2. gather: the best `rescore` per query
     best = best_approx(found, rescore)
     shard = np.asarray(best.column("shard").to_pylist(), dtype=object)
@@ -213,21 +204,16 @@ def index_scan(
     wanted = {s: np.unique(row[shard == s]) for s in sorted(set(shard))}
     # 3. rescore exactly, one task per feature shard with candidates
     indexed = {s: d for g in groups for s, d in g["features"]}
-    items = [{"shard": s} for s in wanted]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    scored = _scatter(
+        [{"shard": s} for s in wanted],
         rescore_shards,
-        batch_size=1,
-        fn_kwargs={
-            "store_uri": store.uri,
-            "storage": store.storage,
-            "wanted": wanted,
-            "indexed": indexed,
-            "x": x,
-            "shard_index": {s: i for i, s in enumerate(shard_ids)},
-        },
+        store_uri=store.uri,
+        storage=store.storage,
+        wanted=wanted,
+        indexed=indexed,
+        x=x,
+        shard_index={s: i for i, s in enumerate(shard_ids)},
     )
-    with named_errors():
-        scored = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     scored = _own_candidates(scored, best)
     run = {
         "index": {
@@ -266,3 +252,17 @@ def _own_candidates(scored: pa.Table, best: pa.Table) -> pa.Table:
 def check_current(store: FeatureStore, info: dict) -> None:
     """check_index against the store's finished shards now."""
     check_index(store, info, store.entries())
+
+
+def _scatter(items: list[dict], fn, **kwargs) -> pa.Table:
+    """One Ray Data task per item (`fn(batch_of_one_item, **kwargs)`), results concatenated
+    on the driver; named errors of the tasks reach the caller as themselves."""
+    import ray
+
+    from pipeline.cluster import named_errors
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        fn, batch_size=1, fn_kwargs=kwargs
+    )
+    with named_errors():
+        return pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
