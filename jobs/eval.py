@@ -44,6 +44,11 @@ def register(subparsers) -> None:
         help="model draws averaged per global-scope query (a Monte Carlo mean; the paper used "
         "256; 8 vs 32 on toy-paper: docs/experiments.md)",
     )
+    for flag, default, meaning in (
+        ("--global-queries", 1, "independent global-scope queries per combination and target"),
+        ("--global-seed", 0, "seed of global query 1's draws, query j: + j (README tables: 0)"),
+    ):
+        parser.add_argument(flag, type=int, default=default, help=f"{meaning} (default {default})")
     parser.add_argument(
         "--guidance",
         type=float,
@@ -130,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         global_draws=args.global_draws,
         guidance=args.guidance,
         query_seed=args.query_seed,
+        global_seed=args.global_seed,
+        global_queries=args.global_queries,
         index=IndexSpec(codes=args.index_codes) if args.index else None,
         data=args.data,
         labels=args.labels,

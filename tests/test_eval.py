@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError
 from ctrak.toy import DEFAULT_MODEL
@@ -17,6 +18,7 @@ from jobs.cli import build_parser
 from pipeline.config_file import with_overrides
 from pipeline.errors import UnknownConfigKeyError
 from pipeline.evaluation.synthetic_bench import (
+    Variant,
     evaluate,
     markdown_table,
     method_variants,
@@ -103,3 +105,47 @@ def test_eval_overrides_reach_every_variant_and_are_checked():
         with_overrides(base, ["projection.k_side='8'"], "attribution.")
     with pytest.raises(ConfigError, match="k_side=0 must be a positive integer"):
         with_overrides(base, ["projection.k_side=0"], "attribution.")
+
+
+def test_global_queries_are_independent_draws_averaged_per_target(tmp_path, monkeypatch):
+    # global query j draws from seed global_seed + j; a record's precision is the mean over its
+    # queries, and query 2 of a run from seed 0 is the one query of a run from seed 1
+    seeds = []
+    real = Attributor.query_gradient
+
+    def spy(self, query, query_config=None):
+        seeds.append((query.concept, query_config.seed))
+        return real(self, query, query_config)
+
+    monkeypatch.setattr(Attributor, "query_gradient", spy)
+
+    (variant,) = method_variants(["concept-trak"])
+    fast = [Variant(variant.name, with_overrides(variant.config, ["query.sample_steps=8"]))]
+
+    def run(seed: int, count: int) -> dict[str, dict]:
+        result = evaluate(
+            DEFAULT_MODEL,
+            fast,
+            work=tmp_path,
+            num_train=8,
+            scopes=("global",),
+            combos=("a red triangle",),
+            global_draws=2,
+            global_seed=seed,
+            global_queries=count,
+            min_concept_rate=0,
+            log=lambda line: None,
+        )
+        assert (result["global_seed"], result["global_queries"]) == (seed, count)
+        return {r["target"]: r for r in result["records"]}
+
+    both = run(0, 2)
+    assert sorted(seeds) == [("red", 0), ("red", 1), ("triangle", 0), ("triangle", 1)]
+    second = run(1, 1)
+    assert set(both) == set(second) == {"red", "triangle"}
+    for target, record in both.items():
+        assert record["queries"] == 2 and len(record["per_query"]) == 2
+        assert record["precision"] == pytest.approx(np.mean(record["per_query"]))
+        assert record["per_query"][1] == second[target]["per_query"][0]
+    with pytest.raises(ConfigError, match="at least one global query"):
+        evaluate(DEFAULT_MODEL, [], work=tmp_path, global_queries=0)
