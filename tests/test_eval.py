@@ -66,6 +66,8 @@ def test_records_and_table_have_the_papers_layout(heldout_result):
     table = markdown_table(heldout_result)
     assert table.splitlines()[0].startswith("| method | local ID | local OOD |")
     assert "| a red triangle / triangle (OOD) | a red triangle / red (OOD) |" in table
+    # 1 held-out combination x 4 query images x 2 targets, no ID queries in this run
+    assert "local ID 0 queries; local OOD 8 queries, s.e. " in table
     assert heldout_result["query_seed"] == 1000  # the reported tables' seed, recorded
     costs = heldout_result["costs"]
     # Concept-TRAK: 9 inversion forwards + 9 gradient forwards; TRAK: 9 gradient forwards

@@ -348,6 +348,23 @@ def _mean(records, variant: str, scope: str, heldout: bool) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _noise_line(records, variant: str, scopes) -> str:
+    """How many queries each cell rests on, and the standard error of its mean over them."""
+    parts = []
+    for scope in scopes:
+        for heldout, name in ((False, "ID"), (True, "OOD")):
+            cell = [
+                r
+                for r in records
+                if (r["variant"], r["scope"], r["heldout"]) == (variant, scope, heldout)
+            ]
+            values = [v for r in cell for v in r.get("per_query", [])]
+            n = sum(r["queries"] for r in cell)
+            se = f", s.e. {np.std(values) / np.sqrt(len(values)):.2f}" if len(values) > 1 else ""
+            parts.append(f"{scope} {name} {n} queries{se}")
+    return "Queries per cell (each method): " + "; ".join(parts) + "."
+
+
 def markdown_table(result: dict, top_k: int = DEFAULT_TOP_K) -> str:
     """The paper's layout: mean P@k per scenario (ID / OOD) per scope, then per concept."""
     records = result["records"]
@@ -367,6 +384,7 @@ def markdown_table(result: dict, top_k: int = DEFAULT_TOP_K) -> str:
             f"| {v} | {cells} | {cost.get('s_per_sample', float('nan')):.2f} | "
             f"{cost.get('forwards_per_sample', float('nan')):.0f} |"
         )
+    lines += ["", _noise_line(records, variants[0], scopes) if variants else ""]
     lines += ["", f"Per concept (P@{top_k}; prompt / target):", ""]
     keys = list(dict.fromkeys((r["prompt"], r["target"], r["heldout"]) for r in records))
     header = " | ".join(f"{p} / {t}{' (OOD)' if h else ''}" for p, t, h in keys)
