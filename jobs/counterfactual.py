@@ -72,16 +72,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.config_file import with_overrides
     from pipeline.evaluation.counterfactual_run import Plan, measure
     from pipeline.evaluation.counterfactual_table import markdown
-    from pipeline.evaluation.synthetic_bench import Variant, method_variants
+    from pipeline.evaluation.variants import chosen_variants
 
     torch.set_num_threads(args.threads)
-    variants = [
-        Variant(v.name, with_overrides(v.config, args.set, "attribution."))
-        for v in method_variants(args.methods.split(","))
-    ]
+    variants = chosen_variants("methods", args.methods.split(","), args.set)
     plan = Plan(
         run=Path(args.run),
         prompt=args.prompt,

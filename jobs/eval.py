@@ -104,27 +104,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config_file import with_overrides
-    from pipeline.evaluation.synthetic_bench import (
-        Variant,
-        ablation_variants,
-        cost_variants,
-        evaluate,
-        markdown_table,
-        method_variants,
-        reference_variants,
-    )
+    from pipeline.evaluation.synthetic_bench import evaluate, markdown_table
+    from pipeline.evaluation.variants import chosen_variants
     from pipeline.index import IndexSpec
 
-    variants = {
-        "methods": lambda: method_variants(args.methods.split(",")),
-        "ablation": ablation_variants,
-        "cost": cost_variants,
-        "reference": reference_variants,
-    }[args.variants]()
-    variants = [
-        Variant(v.name, with_overrides(v.config, args.set, "attribution.")) for v in variants
-    ]
+    variants = chosen_variants(args.variants, args.methods.split(","), args.set)
     result = evaluate(
         args.model,
         variants,

@@ -339,12 +339,15 @@ def save_index_queries(work: Path, world: str, name: str, features, x, searcher)
     print(f"{log_line} -> {path}")
 
 
-def _mean(records, variant: str, scope: str, heldout: bool) -> float:
-    values = [
-        r["precision"]
-        for r in records
-        if r["variant"] == variant and r["scope"] == scope and r["heldout"] == heldout
+def _cell(records, variant: str, scope: str, heldout: bool) -> list[dict]:
+    """The records of one table cell."""
+    return [
+        r for r in records if (r["variant"], r["scope"], r["heldout"]) == (variant, scope, heldout)
     ]
+
+
+def _mean(records, variant: str, scope: str, heldout: bool) -> float:
+    values = [r["precision"] for r in _cell(records, variant, scope, heldout)]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -353,11 +356,7 @@ def _noise_line(records, variant: str, scopes) -> str:
     parts = []
     for scope in scopes:
         for heldout, name in ((False, "ID"), (True, "OOD")):
-            cell = [
-                r
-                for r in records
-                if (r["variant"], r["scope"], r["heldout"]) == (variant, scope, heldout)
-            ]
+            cell = _cell(records, variant, scope, heldout)
             values = [v for r in cell for v in r.get("per_query", [])]
             n = sum(r["queries"] for r in cell)
             se = f", s.e. {np.std(values) / np.sqrt(len(values)):.2f}" if len(values) > 1 else ""

@@ -74,3 +74,17 @@ def reference_variants() -> list[Variant]:
         Variant("default path, attn2 (shipped)", AttributionConfig()),
         Variant("naive reference, attn2", naive_config(("attn2",), 2048)),
     ]
+
+
+def chosen_variants(kind: str, methods: Sequence[str], overrides: Sequence[str]) -> list[Variant]:
+    """The `kind` of variants (`methods`: `methods` at their defaults), each with the
+    `KEY=VALUE` overrides under `attribution.` applied (checked: unknown keys are refused)."""
+    from pipeline.config_file import with_overrides
+
+    made = {
+        "methods": lambda: method_variants(methods),
+        "ablation": ablation_variants,
+        "cost": cost_variants,
+        "reference": reference_variants,
+    }[kind]()
+    return [Variant(v.name, with_overrides(v.config, overrides, "attribution.")) for v in made]
