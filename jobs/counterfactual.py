@@ -43,13 +43,27 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--seeds",
         default="0,1",
-        help="training seeds of the no-removal baseline; removals retrain with the first",
+        help="training seeds of the no-removal baseline; removals retrain with the first "
+        "--removal-seeds of them",
+    )
+    parser.add_argument(
+        "--removal-seeds",
+        type=int,
+        default=1,
+        help="how many of --seeds every removal retrains with (drops pooled over them)",
     )
     parser.add_argument(
         "--reuse-base",
         action="store_true",
         help="take the base run's model as the no-removal retrain at its own seed (a retrain "
         "reproduces it bit for bit) instead of training it again",
+    )
+    parser.add_argument(
+        "--min-concept-rate",
+        type=float,
+        default=0.8,
+        help="refuse a target the base model draws right less often on trained combinations "
+        "(its concept check, as ctrak eval); 0 turns the check off",
     )
     parser.add_argument("--draws", type=int, default=128, help="draws per presence rate")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG of draws and ranking")
@@ -85,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         variants=tuple(variants),
         sizes=tuple(int(s) for s in args.sizes.split(",")),
         seeds=tuple(int(s) for s in args.seeds.split(",")),
+        removal_seeds=args.removal_seeds,
         draws=args.draws,
         guidance=args.guidance,
         sample_steps=args.sample_steps,
@@ -93,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         oracle=args.oracle,
         cached_only=args.cached_only,
         reuse_base=args.reuse_base,
+        min_concept_rate=args.min_concept_rate,
         work=Path(args.work),
         extra={"overrides": args.set},
     )

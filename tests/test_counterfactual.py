@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctrak.config import ProjectionConfig
-from ctrak.errors import ConfigError
+from ctrak.errors import ConceptNotLearnedError, ConfigError
 from ctrak.toy.train import train
 from ctrak.toy.world_shards import generate_world, read_samples
 from jobs.cli import build_parser
@@ -27,7 +27,7 @@ from pipeline.evaluation.counterfactual import (
     write_subset,
 )
 from pipeline.evaluation.counterfactual_run import Plan, measure
-from pipeline.evaluation.counterfactual_table import claims, markdown
+from pipeline.evaluation.counterfactual_table import claims, markdown, pooled
 from pipeline.evaluation.synthetic_bench import Variant, method_variants
 
 UNET = ("unet", "diffusion_pytorch_model.safetensors")
@@ -53,7 +53,9 @@ def measured(tmp_path_factory):
         targets=("red",),
         variants=(ct,),
         sizes=(4,),
-        seeds=(0,),
+        seeds=(0, 1),
+        removal_seeds=2,  # every removal retrains at both seeds: paired, pooled drops
+        min_concept_rate=0.0,  # a 6-step model draws nothing right (the refusal: below)
         draws=16,
         sample_steps=4,
         rank_draws=2,
@@ -73,6 +75,9 @@ def test_removed_images_are_the_rankings_top_m_and_absent_from_the_retrain(measu
     top = {all_keys[i] for i in ranking(torch.tensor(scores["scores"]).numpy())[:4]}
     by_ranking = {r["ranking"]: r for r in result["records"]}
     assert set(by_ranking) == {"none", "concept-trak", "random", "labels"}
+    assert sorted((r["ranking"], r["seed"]) for r in result["records"]) == sorted(
+        (name, seed) for name in by_ranking for seed in (0, 1)
+    )
     for name, record in by_ranking.items():
         folder = plan.work / "retrains" / record["retrain"]
         removed = set(json.loads((folder / "result.json").read_text())["removed"])
@@ -90,7 +95,7 @@ def test_removed_images_are_the_rankings_top_m_and_absent_from_the_retrain(measu
 
 def test_retrain_without_removal_reproduces_the_base_weights(measured):
     root, plan, result, _ = measured
-    (none,) = [r for r in result["records"] if r["ranking"] == "none"]
+    (none,) = [r for r in result["records"] if r["ranking"] == "none" and r["seed"] == 0]
     base = load_file(root.joinpath("base", "model", *UNET))
     again = load_file(plan.work.joinpath("retrains", none["retrain"], "train", "model", *UNET))
     assert base.keys() == again.keys()
@@ -101,7 +106,7 @@ def test_retrain_without_removal_reproduces_the_base_weights(measured):
 
 def test_presence_rates_intervals_and_table(measured):
     _, plan, result, updates = measured
-    assert len(updates) == len(result["records"]) == 4  # one partial result per retrain
+    assert len(updates) == len(result["records"]) == 8  # one partial result per retrain
     for record in result["records"]:
         for attr in ("shape", "colour", "both"):
             p = record["presence"][attr]
@@ -119,6 +124,34 @@ def test_presence_rates_intervals_and_table(measured):
     )
     (check,) = claims(result)
     assert check["target"] == "red" and check["m"] == 4 and check["compared_with"] == ["random"]
+    assert check["seeds"] == [0, 1]
+
+
+def test_removal_seeds_pool_the_draws_and_pair_the_drop(measured):
+    _, _, result, _ = measured
+    rows = {(r["ranking"], r["seed"]): r["presence"]["colour"] for r in result["records"]}
+    k = {name: rows[(name, 0)]["k"] + rows[(name, 1)]["k"] for name in ("none", "concept-trak")}
+    ct = pooled([r for r in result["records"] if r["ranking"] == "concept-trak"], "colour")
+    assert (ct["k"], ct["n"]) == (k["concept-trak"], 32)
+    assert (ct["lo"], ct["hi"]) == wilson(k["concept-trak"], 32)
+    line = next(x for x in markdown(result).splitlines() if x.startswith("| concept-trak | 4 "))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    drop = (k["none"] - k["concept-trak"]) / 32  # baseline and removal over the same seeds
+    assert cells[5] == f"{drop:+.2f}"
+    per_seed = (
+        f"(s0 {rows[('concept-trak', 0)]['rate']:.2f}, s1 {rows[('concept-trak', 1)]['rate']:.2f})"
+    )
+    assert cells[4].endswith(per_seed)
+
+
+def test_an_unlearned_target_is_refused_before_any_work(measured, tmp_path):
+    _, plan, _, _ = measured
+    strict = replace(plan, min_concept_rate=0.8, work=tmp_path / "work")
+    with pytest.raises(ConceptNotLearnedError, match="colour='red'"):
+        measure(strict, log=lambda line: None)
+    assert not (tmp_path / "work" / "rankings").exists()  # refused before ranking
+    with pytest.raises(ConfigError, match="removal_seeds=3"):
+        measure(replace(plan, removal_seeds=3), log=lambda line: None)
 
 
 def test_rerun_resumes_from_the_cache(measured):

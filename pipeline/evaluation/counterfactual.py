@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import tarfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from ctrak.errors import ConfigError
+from pipeline.evaluation.counterfactual_table import rate, wilson  # noqa: F401 (re-exported)
 from pipeline.evaluation.synthetic_bench import Variant
 
 RANDOM = "random"
@@ -44,24 +44,6 @@ ORACLE = "labels"  # the control that knows the answer: every image with the tar
 ATTRIBUTES = ("shape", "colour")
 # keys of a train-toy run's train_config.json that are records, not trainer arguments
 _RECORD_KEYS = ("data_spec", "num_train_images", "image_size")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial rate k / n (Wilson 1927)."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ConfigError(f"wilson: need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    p = k / n
-    # 1. centre and half-width of the score interval
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def rate(k: int, n: int) -> dict:
-    """{"k", "n", "rate", "lo", "hi"}: a rate with its Wilson 95% interval."""
-    lo, hi = wilson(k, n)
-    return {"k": int(k), "n": int(n), "rate": k / n, "lo": lo, "hi": hi}
 
 
 # ---- the training set and its rankings -----------------------------------------------------

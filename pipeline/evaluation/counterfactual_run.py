@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctrak.errors import ConfigError
 from pipeline.evaluation.counterfactual import (
     ORACLE,
     RANDOM,
@@ -33,10 +34,13 @@ from pipeline.evaluation.synthetic_bench import Variant
 class Plan:
     """One counterfactual measurement. `run`: a `ctrak train-toy` output folder (its
     train_config.json is the recipe, its model/ the base model that ranks). `sizes`: numbers
-    of removed images. `seeds`: training seeds of the no-removal baseline (the first is the
-    seed every removal retrains with). `reuse_base`: the no-removal job at the base run's seed
+    of removed images. `seeds`: training seeds of the no-removal baseline; every removal
+    retrains with the first `removal_seeds` of them (its drop is paired: baseline and removal
+    pooled over the same seeds). `reuse_base`: the no-removal job at the base run's seed
     takes the base model instead of retraining it (a retrain reproduces it bit for bit:
-    tests/test_counterfactual.py)."""
+    tests/test_counterfactual.py). `min_concept_rate`: a target the base model draws right less
+    often on trained combinations is refused before any work (ConceptNotLearnedError, as
+    `ctrak eval`); 0 turns the check off."""
 
     run: Path
     prompt: str
@@ -44,6 +48,7 @@ class Plan:
     variants: tuple[Variant, ...]
     sizes: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)
+    removal_seeds: int = 1
     draws: int = 128
     guidance: float = 1.0
     sample_steps: int = 25
@@ -54,6 +59,7 @@ class Plan:
     cached_only: bool = False  # report the retrains already done, train nothing
     reuse_base: bool = False  # the no-removal job at the base seed reads the base model
     random_seed: int = 0
+    min_concept_rate: float = 0.8  # = ctrak.toy.concept_check.DEFAULT_MIN_RATE, as ctrak eval
     work: Path = Path("runs/counterfactual")
     extra: dict = field(default_factory=dict)
 
@@ -104,26 +110,56 @@ def rankings(plan: Plan, log: Callable[[str], None] = print) -> dict:
     return out
 
 
+def concept_check(plan: Plan, world: str, log: Callable[[str], None] = print) -> dict | None:
+    """The base model's concept check (its concept_check.json when made for these weights at
+    the plan's guidance, else drawn now and kept under <work>), enforced on the targets."""
+    from ctrak.model import DiffusionModel
+    from ctrak.toy.concept_check import load_check, require_learned, summary_line, world_check
+
+    if plan.min_concept_rate <= 0:
+        return None
+    model = DiffusionModel.load(plan.run / "model")
+    check, where = load_check(model, plan.guidance), f"{plan.run}/model/concept_check.json"
+    if check is None:
+        path = plan.work / f"concept-check-{model.fingerprint}-g{plan.guidance:g}.json"
+        if path.is_file():
+            check = json.loads(path.read_text())
+        else:
+            check = world_check(model, world, per_combo=16, guidance=plan.guidance, seed=0)
+            _json_atomic(path, check)
+        where = str(path)
+    log(f"{summary_line(check)} ({where})")
+    targets = [(attribute_of(world, t), t) for t in plan.targets]
+    require_learned(check, targets, plan.min_concept_rate, where)
+    return check
+
+
 def _removals(plan: Plan, orders: dict, keys: list[str]) -> list[dict]:
     """The retrains in run order (what lands first when the budget runs out): the no-removal
     baseline at the first seed; the largest size for every ranking of the first target; the
-    other baseline seeds; then the remaining (size, target) blocks, largest size first."""
+    other baseline seeds; then the remaining (size, target) blocks, largest size first; then
+    the same removals again at each further removal seed."""
+    if not 1 <= plan.removal_seeds <= len(plan.seeds):
+        raise ConfigError(
+            f"removal_seeds={plan.removal_seeds}: need 1 <= removal_seeds <= the number of "
+            f"seeds ({len(plan.seeds)}); pass more --seeds"
+        )
 
     def none(seed: int) -> dict:
         return {"ranking": "none", "target": None, "m": 0, "seed": seed, "removed": []}
 
-    jobs = [none(plan.seeds[0])]
+    jobs, removals = [none(plan.seeds[0])], []
     for i, m in enumerate(sorted(plan.sizes, reverse=True)):
         for j, target in enumerate(plan.targets):
             for (name, t), order in orders.items():
                 if t == target:
                     removed = [keys[k] for k in order[:m]]
-                    jobs.append(
-                        {"ranking": name, "target": t, "m": m, "seed": plan.seeds[0]}
-                        | {"removed": removed}
-                    )
+                    removals.append({"ranking": name, "target": t, "m": m, "removed": removed})
+                    jobs.append(removals[-1] | {"seed": plan.seeds[0]})
             if i == j == 0:
                 jobs += [none(seed) for seed in plan.seeds[1:]]
+    for seed in plan.seeds[1 : plan.removal_seeds]:
+        jobs += [job | {"seed": seed} for job in removals]
     return jobs
 
 
@@ -185,8 +221,7 @@ def measure(
     gets the partial result after every retrain (to write and commit as it comes)."""
     config = json.loads((plan.run / "train_config.json").read_text())
     world = config["world"]
-    for target in plan.targets:
-        attribute_of(world, target)
+    check = concept_check(plan, world, log)
     _, _, keys, labels = load_training_set(config["data"])
     orders = rankings(plan, log)
     result = {
@@ -197,6 +232,7 @@ def measure(
         "num_train": len(keys),
         "sizes": list(plan.sizes),
         "seeds": list(plan.seeds),
+        "removal_seeds": plan.removal_seeds,
         "draws": plan.draws,
         "guidance": plan.guidance,
         "sample_steps": plan.sample_steps,
@@ -204,6 +240,7 @@ def measure(
         "draw_seed": plan.draw_seed,
         "train_steps": config["steps"],
         "variants": {v.name: v.config.provenance() for v in plan.variants},
+        "concept_check": check and {"min_rate": plan.min_concept_rate, **check},
         **plan.extra,
         "records": [],
     }
