@@ -23,18 +23,18 @@ def _members(tar_path) -> dict[str, bytes]:
 
 
 def test_icon_shards_are_jpeg_deterministic_and_exclude_heldout(tmp_path, capsys):
-    args = ["icons", "--num-images", "9", "--image-size", "20", "--seed", "3"]
+    args = ["icons", "--num-images", "12", "--image-size", "24", "--seed", "3"]
     for out in ("a", "b"):
         assert main([args[0], str(tmp_path / out), *args[1:]]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["shards"][0].endswith("00000.tar")
     first, second = _members(tmp_path / "a/00000.tar"), _members(tmp_path / "b/00000.tar")
     assert first == second  # byte for byte
     images = [name for name in first if not name.endswith((".txt", ".json"))]
-    assert len(images) == 9 and all(name.endswith(".jpg") for name in images)
+    assert len(images) == 12 and all(name.endswith(".jpg") for name in images)
     assert {Image.open(io.BytesIO(first[name])).format for name in images} == {"JPEG"}
     rows = list(read_samples(str(tmp_path / "a")))
     heldout = {(c.shape, c.colour) for c in world_combos("icons") if c.heldout}
-    assert heldout == {("heart", "orange")}
+    assert heldout == {("heart", "orange"), ("moon", "green"), ("star", "blue")}
     seen = [(r["labels"]["shape"], r["labels"]["colour"]) for r in rows]
     assert not set(seen) & heldout and not any(r["labels"]["heldout"] for r in rows)
     assert sorted(set(seen)) == sorted((c.shape, c.colour) for c in split_combos("icons", "train"))
@@ -45,8 +45,8 @@ def test_icon_shards_are_jpeg_deterministic_and_exclude_heldout(tmp_path, capsys
 
 def test_icon_labels_match_pixels():
     for index in range(40):
-        image, labels = sample_row("icons", "all", index, 20, seed=11)
-        again, _ = sample_row("icons", "all", index, 20, seed=11)
+        image, labels = sample_row("icons", "all", index, 24, seed=11)
+        again, _ = sample_row("icons", "all", index, 24, seed=11)
         np.testing.assert_array_equal(image, again)
         border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
         assert (border == BACKGROUND[labels["colour"]]).all()  # background only at the edge

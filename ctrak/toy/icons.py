@@ -1,7 +1,7 @@
 """The third built-in world, `icons`: a white pictogram on a coloured background, as JPEG.
 
 Unlike `paper` and `wide` (a flat-coloured geometric shape on white, PNG, "a {colour}
-{shape}"), an image of `icons` is a pictogram - a heart or a crescent moon - drawn in white
+{shape}"), an image of `icons` is a pictogram - a heart, a crescent moon or a star - drawn in white
 and anti-aliased (rendered at 4x and box-downsampled) on a background of one colour; the
 caption puts the object first and the colour after it: "a {shape} icon on {colour}". Its
 shards hold JPEG (img2dataset's default, quality 95). The attributes keep the label keys
@@ -9,7 +9,9 @@ of the other worlds ("shape" = the pictogram, "colour" = the background), so eve
 consumer of the built-in worlds (generate_world, read_samples, classify, ctrak eval)
 reads it unchanged.
 
-- `icons`: {heart, moon} x {blue, orange}, (heart, orange) held out of training.
+- `icons`: {heart, moon, star} x {blue, orange, green}, the diagonal (heart, orange),
+  (moon, green), (star, blue) held out of training, so every pictogram and every background
+  still appears with two partners (as `wide` holds out its diagonal).
 
 Image i of a split is combo i mod (number of combos of that split), as in `worlds`.
 """
@@ -26,21 +28,22 @@ from ctrak.toy.worlds import despeckle, template_iou
 
 ICON_WORLDS: dict[str, dict[str, tuple]] = {
     "icons": {
-        "shapes": ("heart", "moon"),
-        "colours": ("blue", "orange"),
-        "heldout": (("heart", "orange"),),
+        "shapes": ("heart", "moon", "star"),
+        "colours": ("blue", "orange", "green"),
+        "heldout": (("heart", "orange"), ("moon", "green"), ("star", "blue")),
     },
 }
 TEMPLATE = "a {shape} icon on {colour}"
 BACKGROUND: dict[str, tuple[int, int, int]] = {
     "blue": (40, 80, 220),
     "orange": (235, 130, 30),
+    "green": (40, 150, 60),
 }
 INK = (250, 250, 250)
 SIZE_RANGE = (0.26, 0.36)  # pictogram half-width as a fraction of the image side
 SUPERSAMPLE = 4
 JPEG_QUALITY = 95  # img2dataset's default encode_quality
-MIN_IOU = {"heart": 0.68, "moon": 0.5}  # classify_icon's bar per pictogram
+MIN_IOU = {"heart": 0.68, "moon": 0.5, "star": 0.63}  # classify_icon's bar per pictogram
 
 
 def icon_caption(shape: str, colour: str) -> str:
@@ -59,6 +62,13 @@ def _heart(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return [(cx + scale * a, cy + scale * b) for a, b in zip(x, y, strict=True)]
 
 
+def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon of a five-pointed star (one point up, inner radius 0.5 r) of outer radius r."""
+    angle = -np.pi / 2 + np.arange(10) * np.pi / 5
+    radius = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
+    return [(cx + a * np.cos(b), cy + a * np.sin(b)) for a, b in zip(radius, angle, strict=True)]
+
+
 def render_icon(
     shape: str, colour: str, center: tuple[float, float], size: float, image_size: int
 ) -> np.ndarray:
@@ -72,13 +82,15 @@ def render_icon(
     cx, cy, r = center[0] * k, center[1] * k, size * k
     if shape == "heart":
         draw.polygon(_heart(cx, cy, r), fill=INK)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, r), fill=INK)
     elif shape == "moon":
         # 2. a crescent: a disc minus a disc shifted right and up, opening to the right
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=INK)
         ox, oy, r2 = cx + 0.55 * r, cy - 0.2 * r, 0.82 * r
         draw.ellipse((ox - r2, oy - r2, ox + r2, oy + r2), fill=BACKGROUND[colour])
     else:
-        raise ConfigError(f"shape={shape!r} is not one of heart, moon")
+        raise ConfigError(f"shape={shape!r} is not one of heart, moon, star")
     small = big.resize((image_size, image_size), Image.BOX)
     return np.asarray(small, dtype=np.uint8)
 
@@ -116,12 +128,14 @@ def classify_icon(image: np.ndarray, world: str) -> tuple[str | None, str | None
 
     image (H, W, 3) uint8. Colour: the palette colour nearest the median of the border
     (within 90). Foreground: pixels brighter than the background by > 60 in their minimum
-    channel (the white ink; both backgrounds have one channel <= 80), speckles removed.
+    channel (the white ink; every background has one channel <= 80), speckles removed.
     Shape: the world's pictogram whose template, stretched to the foreground's bounding box,
-    overlaps it best, when that IoU reaches MIN_IOU and beats the other's by 0.05. The heart's
-    bar (0.68) is above what a filled square or disc reaches as a heart (0.63-0.64); the
+    overlaps it best, when that IoU reaches MIN_IOU and beats the runner-up by 0.05. The
+    heart's bar (0.68) is above what a filled square reaches as a heart (0.66 at 24 px); the
     crescent's thin horns lose pixels at 20-24 px in JPEG, so the moon's bar is 0.5 (its
-    renders: >= 0.55 at 20 px, the heart template on them <= 0.49).
+    renders: >= 0.55 at 20 px, the other templates on them <= 0.49); the star's bar 0.63 is
+    above a filled disc's or ellipse's star IoU (<= 0.62 at 24 px) and below its renders'
+    (>= 0.64 at 24 px). On 450 JPEG renders at 24 px it reads 448 right and 2 stars as None.
     """
     spec = ICON_WORLDS[world]
     rgb = image.astype(np.float32)

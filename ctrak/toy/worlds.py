@@ -10,8 +10,9 @@ attribute. Two worlds:
   (red, triangle), (blue, square), (green, cross), (yellow, circle) held out, so every shape
   and every colour still appears in training with three partners.
 
-A third, `icons` (a white heart or moon on a blue or orange background, JPEG, "a {shape}
-icon on {colour}"), lives in `ctrak.toy.icons`; the functions here dispatch to it.
+A third, `icons` (a white heart, moon or star on a blue, orange or green background, the
+diagonal held out, JPEG, "a {shape} icon on {colour}"), lives in `ctrak.toy.icons`; the
+functions here dispatch to it.
 
 Image i of a split is combo i mod (number of combos of that split) - so any prefix is
 balanced - with position and size drawn from `derive_seed(seed, "synthetic", world, split,
