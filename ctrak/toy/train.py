@@ -132,7 +132,10 @@ def final_concept_check(
     labelled set nor a built-in world to read the draws by."""
     from ctrak.toy.concept_check import labelled_check, save_check, summary_line, world_check
 
-    if getattr(args, "check_per_combo", 0) <= 0 or (labelled is None and not world):
+    if getattr(args, "check_per_combo", 0) <= 0:
+        log.info("no concept check (--check-per-combo 0)")
+        return None
+    if labelled is None and not world:
         log.info("no concept check (pass --labels KEY,KEY for a labelled set)")
         return None
     model = DiffusionModel.load(out / "model")

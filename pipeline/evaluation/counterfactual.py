@@ -156,7 +156,8 @@ def write_subset(data: str, out: Path, removed: Sequence[str]) -> Path:
 
 def retrain_args(train_config: dict, data: Path, out: Path, seed: int) -> argparse.Namespace:
     """The base run's trainer arguments (its train_config.json) with the data, output folder
-    and seed replaced; from scratch (no --init, no resume), no sample grid of its own."""
+    and seed replaced; from scratch (no --init, no resume), no sample grid or concept check of
+    its own (the counterfactual measures presence itself)."""
     args = {k: v for k, v in train_config.items() if k not in _RECORD_KEYS}
     if args.get("init"):
         raise ConfigError(
@@ -173,6 +174,7 @@ def retrain_args(train_config: dict, data: Path, out: Path, seed: int) -> argpar
         )
     args.update(data=str(data), out=str(out), seed=int(seed), resume=False)
     args.update(eval_per_combo=0, grid=None, json=None, ckpt_minutes=float("inf"))
+    args.update(check_per_combo=0)
     return argparse.Namespace(**args)
 
 
