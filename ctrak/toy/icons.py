@@ -69,6 +69,9 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return [(cx + a * np.cos(b), cy + a * np.sin(b)) for a, b in zip(radius, angle, strict=True)]
 
 
+_POLYGONS = {"heart": _heart, "star": _star}
+
+
 def render_icon(
     shape: str, colour: str, center: tuple[float, float], size: float, image_size: int
 ) -> np.ndarray:
@@ -80,10 +83,8 @@ def render_icon(
     big = Image.new("RGB", (image_size * k, image_size * k), BACKGROUND[colour])
     draw = ImageDraw.Draw(big)
     cx, cy, r = center[0] * k, center[1] * k, size * k
-    if shape == "heart":
-        draw.polygon(_heart(cx, cy, r), fill=INK)
-    elif shape == "star":
-        draw.polygon(_star(cx, cy, r), fill=INK)
+    if shape in _POLYGONS:
+        draw.polygon(_POLYGONS[shape](cx, cy, r), fill=INK)
     elif shape == "moon":
         # 2. a crescent: a disc minus a disc shifted right and up, opening to the right
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=INK)

@@ -173,8 +173,9 @@ def retrain_args(train_config: dict, data: Path, out: Path, seed: int) -> argpar
             "--vocabulary builtin"
         )
     args.update(data=str(data), out=str(out), seed=int(seed), resume=False)
-    args.update(eval_per_combo=0, grid=None, json=None, ckpt_minutes=float("inf"))
-    args.update(check_per_combo=0)
+    args.update(
+        eval_per_combo=0, check_per_combo=0, grid=None, json=None, ckpt_minutes=float("inf")
+    )
     return argparse.Namespace(**args)
 
 
