@@ -34,6 +34,14 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="runs/check", help="classifier cache folder")
     parser.add_argument("--out", help="write here (default MODEL/concept_check.json)")
+    parser.add_argument(
+        "--slider",
+        metavar="ATTRIBUTE",
+        help="instead: the slider check of this attribute (e.g. shape): per combination, the "
+        "draws showing its value when sampling along eps(c-) + w (eps(c) - eps(c-)), c- the "
+        "prompt without the value, at each --weights; written to --out only",
+    )
+    parser.add_argument("--weights", default="0,1,2,4", help="slider weights w (default 0,1,2,4)")
     parser.set_defaults(func=run)
 
 
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model = DiffusionModel.load(args.model)
+    if args.slider:
+        return _slider(args, model)
     check = check_model(
         model,
         data=args.data,
@@ -62,4 +72,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     else:
         print(f"wrote {save_check(args.model, check)}")
+    return 0
+
+
+def _slider(args: argparse.Namespace, model) -> int:
+    from ctrak.errors import ConfigError
+    from ctrak.toy.concept_check import model_inputs
+    from ctrak.toy.slider_check import run_slider_check, slider_table
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights {args.weights!r}: give numbers, e.g. 0,1,2,4") from None
+    attributes, combos, read, _ = model_inputs(
+        model,
+        data=args.data,
+        labels=args.labels,
+        caption_template=args.caption_template,
+        cache=Path(args.work),
+    )
+    check = run_slider_check(
+        model,
+        attributes,
+        combos,
+        read,
+        args.slider,
+        weights=weights,
+        per_combo=args.per_combo,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    print(slider_table(check))
+    if args.out:
+        Path(args.out).write_text(json.dumps(check, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0

@@ -124,32 +124,33 @@ def run_check(
     }
 
 
-def world_check(model: DiffusionModel, world: str, **kwargs) -> dict:
-    """The check on a built-in world, read by its hand-written `classify`."""
+def world_inputs(world: str) -> tuple[tuple[str, ...], list[CheckCombo], Reader, dict]:
+    """(attributes, combos, reader, classifier) of a built-in world: its hand-written
+    `classify`."""
     from ctrak.toy.worlds import classify, world_combos
 
     combos = [CheckCombo(c.caption, (c.shape, c.colour), c.heldout) for c in world_combos(world)]
-    return run_check(
-        model,
-        ("shape", "colour"),
-        combos,
-        lambda image: classify(image, world),
-        classifier={"classifier": "ctrak.toy.worlds.classify (hand-written)", "world": world},
-        **kwargs,
-    )
+    described = {"classifier": "ctrak.toy.worlds.classify (hand-written)", "world": world}
+    return ("shape", "colour"), combos, lambda image: classify(image, world), described
+
+
+def labelled_inputs(labelled, classifier) -> tuple[tuple[str, ...], list[CheckCombo], Reader, dict]:
+    """(attributes, combos, reader, classifier) of a `LabelledSet` and its
+    `AttributeClassifier`."""
+    combos = [CheckCombo(c.caption, c.values, c.heldout) for c in labelled.combos]
+    return tuple(labelled.attributes), combos, classifier.predict_uint8, classifier.describe()
+
+
+def world_check(model: DiffusionModel, world: str, **kwargs) -> dict:
+    """The check on a built-in world, read by its hand-written `classify`."""
+    attributes, combos, read, described = world_inputs(world)
+    return run_check(model, attributes, combos, read, classifier=described, **kwargs)
 
 
 def labelled_check(model: DiffusionModel, labelled, classifier, **kwargs) -> dict:
     """The check on a `LabelledSet`, read by its `AttributeClassifier`."""
-    combos = [CheckCombo(c.caption, c.values, c.heldout) for c in labelled.combos]
-    return run_check(
-        model,
-        labelled.attributes,
-        combos,
-        classifier.predict_uint8,
-        classifier=classifier.describe(),
-        **kwargs,
-    )
+    attributes, combos, read, described = labelled_inputs(labelled, classifier)
+    return run_check(model, attributes, combos, read, classifier=described, **kwargs)
 
 
 def save_check(model_dir: str | Path, check: dict) -> Path:
@@ -218,6 +219,37 @@ def require_learned(
         )
 
 
+def model_inputs(
+    model: DiffusionModel,
+    *,
+    data: str | None = None,
+    labels: str | Sequence[str] | None = None,
+    caption_template: str | None = None,
+    cache: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[tuple[str, ...], list[CheckCombo], Reader, dict]:
+    """(attributes, combos, reader, classifier) for a loaded model: a labelled set's (`data` +
+    `labels`: its classifier) or the built-in world's named by the model's data_spec.json."""
+    from ctrak.errors import ConfigError
+
+    if labels:
+        if not data:
+            raise ConfigError("--labels needs --data (the labelled shards the model learned)")
+        from ctrak.toy.classifier import classifier_for
+        from ctrak.toy.labelled import load_labelled
+
+        labelled = load_labelled(data, labels, caption_template=caption_template)
+        return labelled_inputs(labelled, classifier_for(labelled, cache, log))
+    spec_path = Path(model.path) / "data_spec.json"
+    world = json.loads(spec_path.read_text()).get("world") if spec_path.is_file() else None
+    if not world:
+        raise ConfigError(
+            f"{model.path} names no built-in world (data_spec.json); pass --data SHARDS "
+            "--labels KEY,KEY to check it on a labelled set"
+        )
+    return world_inputs(world)
+
+
 def check_model(
     model: DiffusionModel,
     *,
@@ -230,21 +262,7 @@ def check_model(
 ) -> dict:
     """The check of a loaded model: on a labelled set (`data` + `labels`: its classifier) or
     on the built-in world named by the model's data_spec.json."""
-    from ctrak.errors import ConfigError
-
-    if labels:
-        if not data:
-            raise ConfigError("--labels needs --data (the labelled shards the model learned)")
-        from ctrak.toy.classifier import classifier_for
-        from ctrak.toy.labelled import load_labelled
-
-        labelled = load_labelled(data, labels, caption_template=caption_template)
-        return labelled_check(model, labelled, classifier_for(labelled, cache, log), **kwargs)
-    spec_path = Path(model.path) / "data_spec.json"
-    world = json.loads(spec_path.read_text()).get("world") if spec_path.is_file() else None
-    if not world:
-        raise ConfigError(
-            f"{model.path} names no built-in world (data_spec.json); pass --data SHARDS "
-            "--labels KEY,KEY to check it on a labelled set"
-        )
-    return world_check(model, world, **kwargs)
+    attributes, combos, read, described = model_inputs(
+        model, data=data, labels=labels, caption_template=caption_template, cache=cache, log=log
+    )
+    return run_check(model, attributes, combos, read, classifier=described, **kwargs)
