@@ -49,61 +49,43 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ctrak.model import DiffusionModel
-    from ctrak.toy.concept_check import check_model, save_check, summary_line
+    from ctrak.toy.concept_check import model_inputs, run_check, save_check, summary_line
 
     torch.set_num_threads(args.threads)
     model = DiffusionModel.load(args.model)
-    if args.slider:
-        return _slider(args, model)
-    check = check_model(
+    weights = _weights(args.weights)
+    attributes, combos, read, described = model_inputs(
         model,
         data=args.data,
         labels=args.labels,
         caption_template=args.caption_template,
         cache=Path(args.work),
-        per_combo=args.per_combo,
-        guidance=args.guidance,
-        steps=args.steps,
-        seed=args.seed,
     )
-    print(summary_line(check))
+    draws = {"per_combo": args.per_combo, "steps": args.steps, "seed": args.seed}
+    if args.slider:
+        from ctrak.toy.slider_check import run_slider_check, slider_table
+
+        check = run_slider_check(
+            model, attributes, combos, read, args.slider, weights=weights, **draws
+        )
+        print(slider_table(check))
+    else:
+        check = run_check(
+            model, attributes, combos, read, classifier=described, guidance=args.guidance, **draws
+        )
+        print(summary_line(check))
     if args.out:
         Path(args.out).write_text(json.dumps(check, indent=2) + "\n")
         print(f"wrote {args.out}")
-    else:
+    elif not args.slider:
         print(f"wrote {save_check(args.model, check)}")
     return 0
 
 
-def _slider(args: argparse.Namespace, model) -> int:
+def _weights(text: str) -> list[float]:
     from ctrak.errors import ConfigError
-    from ctrak.toy.concept_check import model_inputs
-    from ctrak.toy.slider_check import run_slider_check, slider_table
 
     try:
-        weights = [float(w) for w in args.weights.split(",")]
+        return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--weights {args.weights!r}: give numbers, e.g. 0,1,2,4") from None
-    attributes, combos, read, _ = model_inputs(
-        model,
-        data=args.data,
-        labels=args.labels,
-        caption_template=args.caption_template,
-        cache=Path(args.work),
-    )
-    check = run_slider_check(
-        model,
-        attributes,
-        combos,
-        read,
-        args.slider,
-        weights=weights,
-        per_combo=args.per_combo,
-        steps=args.steps,
-        seed=args.seed,
-    )
-    print(slider_table(check))
-    if args.out:
-        Path(args.out).write_text(json.dumps(check, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+        raise ConfigError(f"--weights {text!r}: give numbers, e.g. 0,1,2,4") from None

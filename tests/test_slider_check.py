@@ -104,3 +104,29 @@ def test_tally_counts_the_target_value_per_split_and_weight(pixel_model):
 def test_an_unknown_attribute_is_refused(pixel_model):
     with pytest.raises(ConfigError, match="'size' is not an attribute"):
         run_slider_check(pixel_model, ("shape", "colour"), COMBOS, Recorder(), "size")
+
+
+def test_check_concepts_cli_writes_both_checks_and_refuses_bad_input(tmp_path, capsys):
+    import json
+
+    from ctrak.toy.tiny import build_tiny_model
+    from jobs.cli import main
+
+    model_dir = build_tiny_model(tmp_path / "model", latent=False, seed=0)
+    args = ["check-concepts", "--model", str(model_dir), "--per-combo", "1", "--steps", "2"]
+    assert main(args) == 2  # no data_spec.json: which world's classifier?
+    assert "names no built-in world" in capsys.readouterr().err
+    (model_dir / "data_spec.json").write_text(json.dumps({"world": "paper"}))
+    assert main([*args, "--slider", "shape", "--weights", "0,x"]) == 2
+    assert "--weights '0,x': give numbers" in capsys.readouterr().err
+    out = tmp_path / "slider.json"
+    assert main([*args, "--slider", "shape", "--weights", "0,1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| shape slider | w = 0 | w = 1 |" in printed
+    slider = json.loads(out.read_text())
+    assert slider["weights"] == [0.0, 1.0] and len(slider["combos"]) == 4  # paper: 2 x 2
+    assert not (model_dir / "concept_check.json").exists()  # the slider check never writes it
+    assert main(args) == 0
+    check = json.loads((model_dir / "concept_check.json").read_text())
+    assert set(check["attributes"]) == {"shape", "colour"} and check["per_combo"] == 1
+    assert "concept check (guidance 1, 1 draws per combination" in capsys.readouterr().out

@@ -248,21 +248,3 @@ def model_inputs(
             "--labels KEY,KEY to check it on a labelled set"
         )
     return world_inputs(world)
-
-
-def check_model(
-    model: DiffusionModel,
-    *,
-    data: str | None = None,
-    labels: str | Sequence[str] | None = None,
-    caption_template: str | None = None,
-    cache: Path | None = None,
-    log: Callable[[str], None] = print,
-    **kwargs,
-) -> dict:
-    """The check of a loaded model: on a labelled set (`data` + `labels`: its classifier) or
-    on the built-in world named by the model's data_spec.json."""
-    attributes, combos, read, described = model_inputs(
-        model, data=data, labels=labels, caption_template=caption_template, cache=cache, log=log
-    )
-    return run_check(model, attributes, combos, read, classifier=described, **kwargs)
