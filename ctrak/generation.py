@@ -36,6 +36,7 @@ def sample(
     num_steps: int = 50,
     guidance: float = 3.0,
     negative: str = "",
+    guide_t: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """prompts (B,) -> x0 (B, C, h, w) float32.
 
@@ -44,11 +45,17 @@ def sample(
     Tweedie estimate divides by sqrt(abar) ~ 5e-5 and float32 trajectories drift visibly.
     Guidance runs against `negative` ("" = the null condition, plain CFG); with the prompt
     minus one concept it follows that concept's slider eps(c) - eps(c-), the query direction
-    of Concept-TRAK, so `guidance` > 1 shows what the slider adds."""
+    of Concept-TRAK, so `guidance` > 1 shows what the slider adds. `guide_t = (lo, hi)` guides
+    only at the sampling steps with lo <= t <= hi and draws the prompt alone (w = 1) at the
+    others: where in the noise range the guidance acts."""
     cond = model.encode_prompts(prompts)
     uncond = model.encode_prompts([negative], allow_empty=True).expand(len(prompts), -1, -1)
     x_T = initial_noise(model, seed, range(first_draw, first_draw + len(prompts))).double()
     eps_fn = guided_eps(model.eps, cond, uncond, guidance)
+    if guide_t is not None:
+        lo, hi = guide_t
+        guided, plain = eps_fn, guided_eps(model.eps, cond, None, 1.0)
+        eps_fn = lambda x, t: guided(x, t) if lo <= t <= hi else plain(x, t)  # noqa: E731
     x0, _ = ddim_sample(eps_fn, x_T, model.alphas_cumprod, num_steps, clip_x0=model.clip_x0)
     return x0.float()
 

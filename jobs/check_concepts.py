@@ -42,6 +42,12 @@ def register(subparsers) -> None:
         "prompt without the value, at each --weights; written to --out only",
     )
     parser.add_argument("--weights", default="0,1,2,4", help="slider weights w (default 0,1,2,4)")
+    parser.add_argument(
+        "--slider-t",
+        metavar="LO:HI",
+        help="with --slider: follow the slider only at sampling steps LO <= t <= HI (the "
+        "prompt alone elsewhere), e.g. 0:899 for the gradient timesteps' range",
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
         from ctrak.toy.slider_check import run_slider_check, slider_table
 
         check = run_slider_check(
-            model, attributes, combos, read, args.slider, weights=weights, **draws
+            model,
+            attributes,
+            combos,
+            read,
+            args.slider,
+            weights=weights,
+            guide_t=_t_range(args.slider_t),
+            **draws,
         )
         print(slider_table(check))
     else:
@@ -89,3 +102,15 @@ def _weights(text: str) -> list[float]:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise ConfigError(f"--weights {text!r}: give numbers, e.g. 0,1,2,4") from None
+
+
+def _t_range(text: str | None) -> tuple[int, int] | None:
+    from ctrak.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--slider-t {text!r}: give LO:HI timesteps, e.g. 0:899") from None
+    return lo, hi

@@ -130,3 +130,18 @@ def test_check_concepts_cli_writes_both_checks_and_refuses_bad_input(tmp_path, c
     check = json.loads((model_dir / "concept_check.json").read_text())
     assert set(check["attributes"]) == {"shape", "colour"} and check["per_combo"] == 1
     assert "concept check (guidance 1, 1 draws per combination" in capsys.readouterr().out
+
+
+def test_guide_t_limits_where_the_slider_acts(pixel_model):
+    def draws(**kwargs):
+        x0 = sample(pixel_model, ["a red triangle"] * 2, num_steps=4, negative="a red", **kwargs)
+        return x0.numpy()
+
+    prompt_alone = draws(guidance=1.0)
+    everywhere = draws(guidance=4.0)
+    assert np.abs(everywhere - prompt_alone).max() > 0.05
+    # a range holding no sampling step is the prompt alone; one holding all is everywhere
+    assert np.array_equal(draws(guidance=4.0, guide_t=(2000, 3000)), prompt_alone)
+    assert np.array_equal(draws(guidance=4.0, guide_t=(0, 999)), everywhere)
+    partly = draws(guidance=4.0, guide_t=(500, 999))
+    assert not np.array_equal(partly, prompt_alone) and not np.array_equal(partly, everywhere)

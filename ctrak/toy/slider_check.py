@@ -15,6 +15,9 @@ is there; tallied per weight over trained and held-out combinations.
 
 Draw j of combination i uses initial noise i * per_combo + j under `seed` at every weight, as
 `ctrak.toy.concept_check.run_check` does, so w = 1 repeats the concept check's draws.
+`guide_t = (lo, hi)` follows the slider only at the sampling steps lo <= t <= hi (the prompt
+alone elsewhere): whether the slider carries the concept in the noise range that Concept-TRAK's
+gradient timesteps cover.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def run_slider_check(
     per_combo: int = 16,
     steps: int = 25,
     seed: int = 0,
+    guide_t: tuple[int, int] | None = None,
 ) -> dict:
     """Per weight, the draws whose `target` attribute is read as the combination's value
     (module doc): {"weights": [...], "trained": [[ok, n], ...], "heldout": [...], "combos"}."""
@@ -65,6 +69,7 @@ def run_slider_check(
                 num_steps=steps,
                 guidance=float(w),
                 negative=negative,
+                guide_t=guide_t,
             )
             images = to_uint8(model.x0_to_images(x0))  # (per_combo, H, W, 3)
             ok = sum(read(image)[j] == value for image in images)  # 3. the target is drawn
@@ -89,6 +94,7 @@ def run_slider_check(
         "per_combo": per_combo,
         "steps": steps,
         "seed": seed,
+        "guide_t": list(guide_t) if guide_t is not None else None,
         **totals,
         "combos": rows,
     }
