@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from ctrak.model import DiffusionModel
     from ctrak.toy.concept_check import model_inputs, run_check, save_check, summary_line
 
+    if args.slider:  # refuse bad --weights / --slider-t before any work
+        weights, guide_t = _weights(args.weights), _t_range(args.slider_t)
     torch.set_num_threads(args.threads)
     model = DiffusionModel.load(args.model)
-    weights = _weights(args.weights)
     attributes, combos, read, described = model_inputs(
         model,
         data=args.data,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             read,
             args.slider,
             weights=weights,
-            guide_t=_t_range(args.slider_t),
+            guide_t=guide_t,
             **draws,
         )
         print(slider_table(check))

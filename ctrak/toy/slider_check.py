@@ -1,8 +1,8 @@
 """The slider check: is a concept's slider eps(c) - eps(c-) a direction of that concept?
 
-Concept-TRAK's query gradient is taken along the slider of the target concept (METHOD.md:
-g_concept from eps(x_t, c) - eps(x_t, c-), c- = the prompt without the concept). Sampling
-along it with weight w,
+Concept-TRAK's query gradient is taken along the slider of the target concept
+(docs/method.md (10)-(12): u = eps(x_t, c) - sg[eps(x_t, c-)], c- = the prompt without the
+concept). Sampling along it with weight w,
 
     eps_w = eps(c-) + w (eps(c) - eps(c-)),
 
