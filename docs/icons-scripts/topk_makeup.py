@@ -24,6 +24,12 @@ from pipeline.evaluation.labelled import world_bench
 from pipeline.evaluation.synthetic_bench import _features, query_images, training_set
 
 MODEL = Path("ctrak/assets/toy-icons")
+TESTS = (  # (name, test(hit labels, the query's shape, the query's colour))
+    ("shape", lambda h, s, c: h["shape"] == s),
+    ("query colour", lambda h, s, c: h["colour"] == c),
+    ("shape, other colour", lambda h, s, c: h["shape"] == s and h["colour"] != c),
+    ("neither", lambda h, s, c: h["shape"] != s and h["colour"] != c),
+)
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = DiffusionModel.load(MODEL)
 bench = world_bench("icons", lambda: training_set(MODEL, work, None))
@@ -41,20 +47,20 @@ for combo in held:
         if cfg is None:
             cfg = replace(today.config.query, concept_tokens=True)
         g = torch.stack(
-            [today.query_gradient(Query(combo.caption, concept=shape, image=i[None]), cfg) for i in imgs]
+            [
+                today.query_gradient(Query(combo.caption, concept=shape, image=i[None]), cfg)
+                for i in imgs
+            ]
         ).cpu()
-        for r in ((0.1, 0.3, 1.0, 3.0, 10.0) if name == "defaults" else (1.0,)):
+        for r in (0.1, 0.3, 1.0, 3.0, 10.0) if name == "defaults" else (1.0,):
             top = topk(scores(features, solve(fit_kernel(K, r), g)), 10).indices.tolist()
             hits = [[labels[i] for i in idx] for idx in top]
             tally = {
-                key: float(np.mean([[test(h) for h in q] for q in hits]))
-                for key, test in (
-                    ("shape", lambda h: h["shape"] == shape),
-                    ("query colour", lambda h: h["colour"] == colour),
-                    ("shape, other colour", lambda h: h["shape"] == shape and h["colour"] != colour),
-                    ("neither", lambda h: h["shape"] != shape and h["colour"] != colour),
-                )
+                key: float(np.mean([[test(h, shape, colour) for h in q] for q in hits]))
+                for key, test in TESTS
             }
             rows.append({"prompt": combo.caption, "target": shape, "query": name, "r": r, **tally})
             print(json.dumps(rows[-1]))
-out.write_text(json.dumps({"queries_per_row": 4, "query_seed": 5000, "rows": rows}, indent=2) + "\n")
+out.write_text(
+    json.dumps({"queries_per_row": 4, "query_seed": 5000, "rows": rows}, indent=2) + "\n"
+)
