@@ -7,7 +7,9 @@ not an option of ctrak; the training features are the defaults'.
     python docs/icons-scripts/query_out_tokens.py WORLD WORK PER_COMBO OUT.json [MODES]
 
 MODES (optional, comma-separated): only the variants of these modes (none, out, out-noq,
-out+q; "none" = defaults and T).
+out+q; "none" = defaults and T). A sixth argument "global": global scope instead (one query
+per combination and target, 32 draws from seed 5000 at CFG 1, as the dev runs of
+docs/defaults-tokens.md; toy-wide on its held-out combinations only).
 
 Variants: defaults, T, T + to_out's concept part, that with the query's `to_q` dropped, and
 that with `to_q`'s output-gradient kept to the concept's share too (the part of dL/dq that
@@ -139,7 +141,9 @@ images, captions, labels = bench.load_rows()
 att = Attributor(model, AttributionConfig())
 features, _ = _features(att, images, captions, work / "cache")
 kernel = att.fit(features)
-queries = query_images(model, bench, per_combo, seed=5000)
+scope = sys.argv[6] if len(sys.argv) > 6 else "local"
+combos = [c for c in bench.combos if scope == "local" or world != "wide" or c.heldout]
+queries = query_images(model, bench, per_combo, seed=5000) if scope == "local" else {}
 T = replace(att.config.query, concept_tokens=True)
 variants = {
     "defaults": (att.config.query, None),
@@ -153,14 +157,17 @@ if len(sys.argv) > 5:
     variants = {k: v for k, v in variants.items() if (v[1] or "none") in keep}
 records = []
 for name, (cfg, mode) in variants.items():
-    for combo in bench.combos:
-        imgs = queries[combo.caption]["images"]
+    for combo in combos:
         for attr, value in zip(bench.attributes, combo.values, strict=True):
             STATE["mode"] = mode
             STATE["mask"] = model.concept_token_mask(combo.caption, value)
-            g = torch.stack(
-                [att.query_gradient(Query(combo.caption, value, image=i[None]), cfg) for i in imgs]
-            )
+            if scope == "local":
+                imgs = queries[combo.caption]["images"]
+                batch = [(Query(combo.caption, value, image=i[None]), cfg) for i in imgs]
+            else:
+                draws = replace(cfg, scope="global", num_draws=32, sample_guidance=1.0, seed=5000)
+                batch = [(Query(combo.caption, value), draws)]
+            g = torch.stack([att.query_gradient(q, c) for q, c in batch])
             STATE["mode"] = None
             top = topk(scores(features, solve(kernel, g)), 10).indices.tolist()
             p = [float(np.mean([labels[i][attr] == value for i in idx])) for idx in top]
@@ -179,8 +186,10 @@ for name, (cfg, mode) in variants.items():
     cell = {
         split: float(np.mean([v for r in mine if r["heldout"] == h for v in r["per_query"]]))
         for split, h in (("ID", False), ("OOD", True))
+        if any(r["heldout"] == h for r in mine)
     }
     held = {f"{r['prompt']} / {r['target']}": r["precision"] for r in mine if r["heldout"]}
     check = {"outputs checked": STATE["checked"], "worst rel. error": STATE["worst"]}
     print(json.dumps({"variant": name, **cell, "held out": held, **check}), flush=True)
-out.write_text(json.dumps({"world": world, "per_combo": per_combo, "records": records}) + "\n")
+result = {"world": world, "scope": scope, "per_combo": per_combo, "records": records}
+out.write_text(json.dumps(result) + "\n")
