@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
 import ctrak
+from ctrak.attention import concept_attention
 from ctrak.config import DEFAULT_TOP_K, AttributionConfig, QueryConfig
 from ctrak.errors import ConceptNotInPromptError, ConfigError, NumericsError, PromptError
 from ctrak.factored import FactoredProjector, factored_grads
@@ -324,7 +326,11 @@ class Attributor:
         else:
             loss = self.training_loss
         masks = self.concept_masks(query, q)
-        total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
+        share = nullcontext()
+        if masks and q.concept_attention:  # masks: a named concept on the concept utility
+            share = concept_attention(self.model.unet, next(iter(masks.values())))
+        with share:
+            total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
         if not ok.all():
             raise NumericsError("the query gradient is NaN/Inf or zero at some timestep")
         unit, ok = normalize_rows(total)

@@ -172,7 +172,12 @@ class QueryConfig:
     the positions of the concept's tokens: the forward is unchanged, but those layers'
     parameter gradient sums only over the concept's tokens, not over the whole prompt's (the
     colour word's keys and values in "a red triangle" carry none of "triangle"). It needs a
-    named concept; a query whose concept is the whole prompt is not restricted."""
+    named concept; a query whose concept is the whole prompt is not restricted.
+
+    `concept_attention=True` (with `concept_tokens`) carries that into the rest of the
+    cross-attention: the query's gradient of `to_out` takes only the concept tokens' share of
+    its input (sum over the concept's positions of weight x value) and that of `to_q` only the
+    part through the concept's attention scores (`ctrak.attention`); forward unchanged."""
 
     scope: Scope = "local"
     utility: Literal["concept", "same"] | None = None
@@ -181,6 +186,7 @@ class QueryConfig:
     sample_guidance: float = 3.0
     seed: int = 0
     concept_tokens: bool = False
+    concept_attention: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scope", self.scope, ("local", "global"))
@@ -192,6 +198,13 @@ class QueryConfig:
             raise ConfigError(f"sample_steps={self.sample_steps} must be >= 1")
         if not isinstance(self.concept_tokens, bool):
             raise ConfigError(f"concept_tokens={self.concept_tokens!r} must be true or false")
+        if not isinstance(self.concept_attention, bool):
+            raise ConfigError(f"concept_attention={self.concept_attention!r} must be true or false")
+        if self.concept_attention and not self.concept_tokens:
+            raise ConfigError(
+                "concept_attention=true extends concept_tokens to the attention's to_q / "
+                "to_out; set concept_tokens = true as well (or concept_attention = false)"
+            )
 
 
 @dataclass(frozen=True)

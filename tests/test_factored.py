@@ -4,45 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_images
+from helpers import factored_inputs, projected_reference, random_images
 
 from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
 from ctrak.errors import ConfigError
 from ctrak.factored import FactoredProjector, factored_grads
 from ctrak.gradients import masked_positions, per_sample_grads
-from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES, LossInputs
-
-
-def _inputs(model, t=299, batch=3):
-    x0 = model.images_to_x0(random_images(batch, seed=4, dtype=torch.float64))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=x0.dtype)
-    abar = float(model.alphas_cumprod[t])
-    x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
-    cond = model.encode_prompts(["a red triangle", "a blue circle", "a red circle"][:batch])
-    negative = model.encode_prompts(["a triangle", "a circle", "a circle"][:batch])
-    return LossInputs(model.eps, x_t, t, abar, cond, x0, noise, negative)
-
-
-def _reference(projector, params, exact):
-    """Split exact (B, D) gradients per layer and apply the layer projections densely."""
-    B, offset, pieces = exact.shape[0], 0, {}
-    for name, p in params.items():
-        pieces[name] = exact[:, offset : offset + p.numel()]
-        offset += p.numel()
-    out = []
-    for layer in projector.layers:
-        own = [n for n in params if n.rsplit(".", 1)[0] == layer.name]
-        if layer.kind == "norm":
-            g = torch.cat([pieces[n] for n in own], dim=1)
-            out.append(g if layer.dense else g @ projector.factors[layer.name][0].double())
-            continue
-        weight = pieces[f"{layer.name}.weight"].reshape(B, layer.d_out, -1)
-        bias = pieces.get(f"{layer.name}.bias")
-        G = weight if bias is None else torch.cat([weight, bias[:, :, None]], dim=2)
-        out.append(projector.project_layer(layer.name, G))
-    return torch.cat(out, dim=1)
-
+from ctrak.losses import TRAINING_LOSSES, UTILITY_LOSSES
 
 CASES = [("pixel", ()), ("latent", ("attn2",)), ("latent", ("down_blocks.1",))]
 
@@ -56,7 +25,7 @@ def test_factored_equals_projected_exact_gradients(
     params = model.attributed_parameters(filters)
     projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
     assert {layer.kind for layer in projector.layers} >= {"linear"}
-    inp = _inputs(model)
+    inp = factored_inputs(model)
     fn = UTILITY_LOSSES["concept"] if loss == "utility" else TRAINING_LOSSES[loss]
     term = fn(inp)
     fast, sq = factored_grads(
@@ -66,7 +35,9 @@ def test_factored_equals_projected_exact_gradients(
         model.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target
     )
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        fast, projected_reference(projector, params, exact), rtol=1e-7, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("loss", ["concept-trak", "utility"])
@@ -85,7 +56,7 @@ def test_dense_layers_enter_whole(loss, layout, filters, pixel_model64, latent_m
     assert dense == {layer.name for layer in projector.layers if layer.d_out * layer.d_in <= cut}
     assert 0 < len(dense) < len(projector.layers)
     assert dense.isdisjoint(projector.factors)
-    inp = _inputs(model)
+    inp = factored_inputs(model)
     term = (UTILITY_LOSSES["concept"] if loss == "utility" else TRAINING_LOSSES[loss])(inp)
     fast, sq = factored_grads(
         model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
@@ -95,7 +66,9 @@ def test_dense_layers_enter_whole(loss, layout, filters, pixel_model64, latent_m
     )
     assert fast.shape[1] == sum(layer.dim for layer in projector.layers) == projector.dim
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        fast, projected_reference(projector, params, exact), rtol=1e-7, atol=1e-9
+    )
 
 
 def test_every_layer_dense_is_the_dense_jl_of_exact_gradients(pixel_model64):
@@ -105,7 +78,7 @@ def test_every_layer_dense_is_the_dense_jl_of_exact_gradients(pixel_model64):
     projector = FactoredProjector(pixel_model64.unet, params, k=32, seed=2, dense_below=10**9)
     assert not projector.factors
     assert projector.dim == sum(p.numel() for p in params.values())
-    inp = _inputs(pixel_model64)
+    inp = factored_inputs(pixel_model64)
     term = TRAINING_LOSSES["trak"](inp)
     fast, _ = factored_grads(
         pixel_model64.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
@@ -114,7 +87,9 @@ def test_every_layer_dense_is_the_dense_jl_of_exact_gradients(pixel_model64):
         pixel_model64.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target
     )
     torch.testing.assert_close(fast.pow(2).sum(1), exact.pow(2).sum(1), rtol=1e-8, atol=0)
-    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        fast, projected_reference(projector, params, exact), rtol=1e-7, atol=1e-9
+    )
 
 
 def test_dense_below_is_validated_and_recorded():
@@ -177,7 +152,7 @@ def test_fused_dps_forward_equals_separate_passes(latent_model64):
     model = latent_model64
     params = model.attributed_parameters(("attn2",))
     projector = FactoredProjector(model.unet, params, k=16, seed=1, k_side=4)
-    inp = _inputs(model)
+    inp = factored_inputs(model)
     term = TRAINING_LOSSES["concept-trak"](inp)
     separate = factored_grads(
         model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
@@ -198,7 +173,7 @@ def test_concept_token_masks_alike_on_both_paths(layout, pixel_model64, latent_m
     model = pixel_model64 if layout == "pixel" else latent_model64
     params = model.attributed_parameters(("attn2",))
     projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
-    inp = _inputs(model)
+    inp = factored_inputs(model)
     term = UTILITY_LOSSES["concept"](inp)
     mask = model.concept_token_mask("a red triangle", "triangle")
     assert mask.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]  # <bos> a red triangle <eos> <pad>...
@@ -213,7 +188,9 @@ def test_concept_token_masks_alike_on_both_paths(layout, pixel_model64, latent_m
         model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target, masks=masks
     )
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(fast, _reference(projector, params, exact), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(
+        fast, projected_reference(projector, params, exact), rtol=1e-7, atol=1e-9
+    )
     text = torch.cat(
         [torch.full((p.numel(),), name.rsplit(".", 1)[0] in masks) for name, p in params.items()]
     )
