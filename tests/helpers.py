@@ -42,3 +42,17 @@ def projected_reference(projector, params, exact):
         G = weight if bias is None else torch.cat([weight, bias[:, :, None]], dim=2)
         out.append(projector.project_layer(layer.name, G))
     return torch.cat(out, dim=1)
+
+
+def concept_utility_case(model):
+    """The attn2 parameters, a 4 x 4 factored projector (seed 3), a batch of float64 inputs,
+    the concept utility's loss term on them, and the concept "triangle"'s token mask in
+    "a red triangle": the setting of the query-side masking tests."""
+    from ctrak.factored import FactoredProjector
+    from ctrak.losses import UTILITY_LOSSES
+
+    params = model.attributed_parameters(("attn2",))
+    projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
+    inp = factored_inputs(model)
+    term = UTILITY_LOSSES["concept"](inp)
+    return params, projector, inp, term, model.concept_token_mask("a red triangle", "triangle")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import factored_inputs, projected_reference, random_images
+from helpers import concept_utility_case, factored_inputs, projected_reference, random_images
 
 from ctrak.attribution import Attributor
 from ctrak.config import AttributionConfig, GradientConfig, ProjectionConfig
@@ -171,11 +171,7 @@ def test_concept_token_masks_alike_on_both_paths(layout, pixel_model64, latent_m
     gradient and norm, the text layers' marked and unmarked positions add up to their whole
     gradient, and only the text key/value layers change."""
     model = pixel_model64 if layout == "pixel" else latent_model64
-    params = model.attributed_parameters(("attn2",))
-    projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
-    inp = factored_inputs(model)
-    term = UTILITY_LOSSES["concept"](inp)
-    mask = model.concept_token_mask("a red triangle", "triangle")
+    params, projector, inp, term, mask = concept_utility_case(model)
     assert mask.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]  # <bos> a red triangle <eos> <pad>...
     masks = dict.fromkeys(model.text_layer_names(), mask)
     args = (model.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target)
