@@ -15,7 +15,7 @@ from ctrak.attribution import Attributor, Query
 from ctrak.config import AttributionConfig, ProjectionConfig, QueryConfig
 from ctrak.errors import ConfigError
 from ctrak.factored import capture, factored_grads
-from ctrak.gradients import per_sample_grads
+from ctrak.gradients import masked_positions, per_sample_grads
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -81,7 +81,9 @@ def test_concept_share_on_both_paths_equals_the_hand_formulas(
 ):
     """Exact path (torch.func over the processor) = the hand formulas; factored path = the
     exact one projected; forward unchanged; the processors restored on exit; to_q / to_out
-    move, the other layers only by rounding (manual against fused attention)."""
+    move, the other layers only by rounding (manual against fused attention); with the concept
+    tokens' to_k / to_v masks too, the paths still agree and each restriction moves only its
+    own layers."""
     model = pixel_model64 if layout == "pixel" else latent_model64
     params, projector, inp, term, mask = concept_utility_case(model)
     before = {n: m.processor for n, m in cross_attention_modules(model.unet).items()}
@@ -106,6 +108,22 @@ def test_concept_share_on_both_paths_equals_the_hand_formulas(
     )
     torch.testing.assert_close(exact[:, ~moved], full[:, ~moved], rtol=1e-8, atol=1e-12)
     assert (exact[:, moved] - full[:, moved]).abs().max() > 1e-2 * full[:, moved].abs().max()
+    # with the concept tokens' masks on to_k / to_v as well (the option as the query runs it)
+    masks = dict.fromkeys(model.text_layer_names(), mask)
+    with concept_attention(model.unet, mask):
+        with masked_positions(model.unet, masks):
+            both = per_sample_grads(*args)
+        fast, sq = factored_grads(
+            model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target, masks=masks
+        )
+    with masked_positions(model.unet, masks):
+        tokens = per_sample_grads(*args)
+    torch.testing.assert_close(sq, both.pow(2).sum(1), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        fast, projected_reference(projector, params, both), rtol=1e-7, atol=1e-9
+    )
+    torch.testing.assert_close(both[:, moved], exact[:, moved], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(both[:, ~moved], tokens[:, ~moved], rtol=1e-8, atol=1e-12)
 
 
 def test_concept_attention_option(pixel_model):
