@@ -196,10 +196,9 @@ class QueryConfig:
             raise ConfigError(f"num_draws={self.num_draws} must be >= 1")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps={self.sample_steps} must be >= 1")
-        if not isinstance(self.concept_tokens, bool):
-            raise ConfigError(f"concept_tokens={self.concept_tokens!r} must be true or false")
-        if not isinstance(self.concept_attention, bool):
-            raise ConfigError(f"concept_attention={self.concept_attention!r} must be true or false")
+        for name in ("concept_tokens", "concept_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.concept_attention and not self.concept_tokens:
             raise ConfigError(
                 "concept_attention=true extends concept_tokens to the attention's to_q / "

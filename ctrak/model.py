@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctrak.attention import cross_attention_modules
 from ctrak.errors import ConceptNotInPromptError, ImageShapeError, ModelLoadError, PromptError
 from ctrak.numerics import upcast
 
@@ -243,11 +244,12 @@ class DiffusionModel:
     def text_layer_names(self) -> list[str]:
         """Names of the UNet's linear maps applied to the text condition: the key and value
         projections of every cross-attention module (attn2.to_k / attn2.to_v in SD)."""
-        names = []
-        for name, module in self.unet.named_modules():
-            if getattr(module, "is_cross_attention", False):
-                names += [f"{name}.{part}" for part in ("to_k", "to_v") if hasattr(module, part)]
-        return names
+        return [
+            f"{name}.{part}"
+            for name, module in cross_attention_modules(self.unet).items()
+            for part in ("to_k", "to_v")
+            if hasattr(module, part)
+        ]
 
     def null_condition(self, batch: int) -> torch.Tensor:
         """The empty-prompt condition repeated: (B, L, D)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ctrak.losses import LossInputs
+from ctrak.factored import FactoredProjector
+from ctrak.losses import UTILITY_LOSSES, LossInputs
 
 
 def random_images(n: int, size: int = 16, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -48,9 +49,6 @@ def concept_utility_case(model):
     """The attn2 parameters, a 4 x 4 factored projector (seed 3), a batch of float64 inputs,
     the concept utility's loss term on them, and the concept "triangle"'s token mask in
     "a red triangle": the setting of the query-side masking tests."""
-    from ctrak.factored import FactoredProjector
-    from ctrak.losses import UTILITY_LOSSES
-
     params = model.attributed_parameters(("attn2",))
     projector = FactoredProjector(model.unet, params, k=64, seed=3, k_side=4)
     inp = factored_inputs(model)
