@@ -32,10 +32,10 @@ def _with_bias(a: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
     return a if module.bias is None else torch.cat([a, torch.ones_like(a[..., :1])], -1)
 
 
-def _hand_gradients(model, params, projector, term, inp, mask) -> torch.Tensor:
-    """(B, D) per-sample gradients of the unchanged network, with every cross-attention's
-    to_q and to_out.0 replaced by the module docstring's formulas from its recorded q, k, v,
-    inputs and output-gradients."""
+def _hand_gradients(model, params, projector, term, inp, mask, full) -> torch.Tensor:
+    """(B, D) per-sample gradients of the unchanged network (`full`), with every
+    cross-attention's to_q and to_out.0 replaced by the module docstring's formulas from its
+    recorded q, k, v, inputs and output-gradients."""
     with capture(projector.layers) as cap, torch.enable_grad():
         out = model.eps(inp.x_t, inp.t, inp.cond)
         names = list(cap.outputs)
@@ -43,8 +43,6 @@ def _hand_gradients(model, params, projector, term, inp, mask) -> torch.Tensor:
             term.objective(out, term.target).sum(), [cap.outputs[n] for n in names]
         )
     delta = dict(zip(names, grads, strict=True))
-    args = (model.eps, params, term.objective, inp.x_t, inp.t, inp.cond, term.target)
-    full = per_sample_grads(*args)
     pieces, offset = {}, 0
     for name, p in params.items():
         pieces[name] = full[:, offset : offset + p.numel()]
@@ -96,13 +94,13 @@ def test_concept_share_on_both_paths_equals_the_hand_formulas(
             model.eps, projector, term.objective, inp.x_t, inp.t, inp.cond, term.target
         )
     assert {n: m.processor for n, m in cross_attention_modules(model.unet).items()} == before
-    hand = _hand_gradients(model, params, projector, term, inp, mask)
+    full = per_sample_grads(*args)
+    hand = _hand_gradients(model, params, projector, term, inp, mask, full)
     torch.testing.assert_close(exact, hand, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(sq, exact.pow(2).sum(1), rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(
         fast, projected_reference(projector, params, exact), rtol=1e-7, atol=1e-9
     )
-    full = per_sample_grads(*args)
     moved = torch.cat(
         [torch.full((p.numel(),), ".to_q." in n or ".to_out." in n) for n, p in params.items()]
     )
