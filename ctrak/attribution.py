@@ -34,7 +34,7 @@ from ctrak.factored import FactoredProjector, factored_grads
 from ctrak.generation import sample
 from ctrak.gradients import masked_positions, normalize_rows, per_sample_grads
 from ctrak.inversion import check_on_grid, ddim_invert, forward_noise, guided_eps
-from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve
+from ctrak.kernel import Kernel, fit_kernel, gram, scores, solve_query
 from ctrak.losses import (
     DPS_LOSSES,
     TRAINING_LOSSES,
@@ -299,7 +299,23 @@ class Attributor:
     def query_gradient(self, query: Query, query_config: QueryConfig | None = None) -> torch.Tensor:
         """Query -> g_q (k,) float32: per-draw (or per-image) normalised, then averaged.
         `query_config`: the query settings (scope, draws, ...; default: config.query); the
-        training side's settings stay the attributor's."""
+        training side's settings stay the attributor's. Under `query.partial_rest` a query is
+        more than one direction: use `query_directions` and `solve_query` (or `scores`)."""
+        q = self._with_query(query_config).query
+        if q.partial_rest:
+            raise ConfigError(
+                "query.partial_rest scores a query with two directions (the concept's and the "
+                "rest of the prompt's): take them with Attributor.query_directions and solve "
+                "them with ctrak.kernel.solve_query (Attributor.scores does both)"
+            )
+        return self.query_directions(query, query_config)[0]
+
+    def query_directions(
+        self, query: Query, query_config: QueryConfig | None = None
+    ) -> torch.Tensor:
+        """Query -> (m, k) float32: row 0 the concept's g_q; under `query.partial_rest` with a
+        named concept, row 1 the rest of the prompt's g_r (the concept utility of c- against
+        the empty prompt at the same states, docs/method.md (15)). Solve with `solve_query`."""
         cfg = self._with_query(query_config)
         q = cfg.query
         negative_text = resolve_negative(query.prompt, query.concept, query.negative)
@@ -331,11 +347,31 @@ class Attributor:
             share = concept_attention(self.model.unet, next(iter(masks.values())))
         with share:
             total, ok = self._summed_gradients(states, x0, cond, loss, negative, masks)
+        rows = [
+            self._query_direction(total, ok, "the query gradient", "the concept changes nothing")
+        ]
+        if q.partial_rest and cfg.utility == "concept" and negative_text:
+            null = self.model.encode_prompts([""], allow_empty=True).expand(B, -1, -1)
+            total, ok = self._summed_gradients(states, x0, negative, loss, null)
+            rows.append(
+                self._query_direction(
+                    total,
+                    ok,
+                    f"the rest of the prompt ({negative_text!r})'s gradient",
+                    "the rest of the prompt changes nothing; set query.partial_rest = false",
+                )
+            )
+        return torch.stack(rows)
+
+    def _query_direction(
+        self, total: torch.Tensor, ok: torch.Tensor, what: str, why: str
+    ) -> torch.Tensor:
+        """Summed per-draw gradients (B, D or M) -> the projected mean of their units (k,)."""
         if not ok.all():
-            raise NumericsError("the query gradient is NaN/Inf or zero at some timestep")
+            raise NumericsError(f"{what} is NaN/Inf or zero at some timestep")
         unit, ok = normalize_rows(total)
         if not ok.all():
-            raise NumericsError("the query gradient is zero: the concept changes nothing")
+            raise NumericsError(f"{what} is zero: {why}")
         return self.projector.project(unit.mean(0, keepdim=True))[0]
 
     # ---- kernel and scores ---------------------------------------------------------------
@@ -352,8 +388,10 @@ class Attributor:
     ) -> torch.Tensor:
         """Queries (q,), Phi (n, k) -> (q, n) float64 influence scores (`query_config` as in
         `query_gradient`)."""
-        g = torch.stack([self.query_gradient(query, query_config) for query in queries]).cpu()
-        return scores(features, solve(kernel, g))
+        x = torch.stack(
+            [solve_query(kernel, self.query_directions(q, query_config).cpu()) for q in queries]
+        )
+        return scores(features, x)
 
     def attribute(
         self,

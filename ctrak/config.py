@@ -177,7 +177,13 @@ class QueryConfig:
     `concept_attention=True` (with `concept_tokens`) carries that into the rest of the
     cross-attention: the query's gradient of `to_out` takes only the concept tokens' share of
     its input (sum over the concept's positions of weight x value) and that of `to_q` only the
-    part through the concept's attention scores (`ctrak.attention`); forward unchanged."""
+    part through the concept's attention scores (`ctrak.attention`); forward unchanged.
+
+    `partial_rest=True` scores a named concept net of the rest of the prompt: with the rest's
+    direction g_r (the concept utility of c- against the empty prompt, at the same x_t), the
+    solved query x becomes x - beta x_r, beta the least-squares coefficient of the concept's
+    training scores on the rest's (`ctrak.kernel.solve_query`), so images that score high for
+    what the prompt says besides the concept (the query's colour, for a shape) lose that part."""
 
     scope: Scope = "local"
     utility: Literal["concept", "same"] | None = None
@@ -187,6 +193,7 @@ class QueryConfig:
     seed: int = 0
     concept_tokens: bool = False
     concept_attention: bool = False
+    partial_rest: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scope", self.scope, ("local", "global"))
@@ -196,7 +203,7 @@ class QueryConfig:
             raise ConfigError(f"num_draws={self.num_draws} must be >= 1")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps={self.sample_steps} must be >= 1")
-        for name in ("concept_tokens", "concept_attention"):
+        for name in ("concept_tokens", "concept_attention", "partial_rest"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.concept_attention and not self.concept_tokens:

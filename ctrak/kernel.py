@@ -3,6 +3,11 @@
 K = Phi^T Phi = sum_s Phi_s^T Phi_s               (additive over shards, float64)
 lambda = r * 0.1 * trace(K) / k                   (one fixed r, never tuned per query)
 I(z_i, q) = g_q^T (K + lambda I)^-1 phi_i          (Cholesky solve once per query)
+
+With `query.partial_rest` a query has a second row, the rest of the prompt's direction g_r,
+and is scored with x - beta x_r (x_r = (K + lambda I)^-1 g_r), beta = x^T K x_r / x_r^T K x_r:
+the least-squares coefficient of the scores Phi x on Phi x_r over the training set, exact
+from K = Phi^T Phi (docs/method.md eq. 15).
 """
 
 from __future__ import annotations
@@ -59,6 +64,30 @@ def solve(kernel: Kernel, g: torch.Tensor) -> torch.Tensor:
     """g (q, k) -> x = (K + lambda I)^-1 g (q, k) float64, by the Cholesky factor."""
     rhs = g.to(torch.float64).T  # (k, q)
     return torch.cholesky_solve(rhs, kernel.chol).T
+
+
+def partial_out(K: torch.Tensor, x: torch.Tensor, x_rest: torch.Tensor) -> torch.Tensor:
+    """x, x_rest (k,) solved queries -> x - beta x_rest (k,) float64, beta = x^T K x_rest /
+    x_rest^T K x_rest: the scores Phi (x - beta x_rest) are the residual of the least-squares
+    fit of Phi x on Phi x_rest over the rows of K = Phi^T Phi (orthogonal to Phi x_rest)."""
+    K, x, x_rest = K.to(torch.float64), x.to(torch.float64), x_rest.to(torch.float64)
+    K_rest = K @ x_rest
+    denom = float(x_rest @ K_rest)
+    if not denom > 0:
+        raise NumericsError(
+            "the rest of the prompt scores every training image 0 (x_r^T K x_r = "
+            f"{denom:.3g}): nothing to partial out; set query.partial_rest = false"
+        )
+    return x - float(x @ K_rest) / denom * x_rest
+
+
+def solve_query(kernel: Kernel, rows: torch.Tensor) -> torch.Tensor:
+    """One query's directions (m, k) -> its solved vector (k,) float64: row 0 the concept's
+    g, solved; a second row (the rest's g_r under `query.partial_rest`) partialled out."""
+    if rows.ndim != 2 or rows.shape[0] not in (1, 2):
+        raise ConfigError(f"a query has 1 or 2 direction rows, got shape {tuple(rows.shape)}")
+    x = solve(kernel, rows)
+    return x[0] if rows.shape[0] == 1 else partial_out(kernel.K, x[0], x[1])
 
 
 SCORE_ROWS = 256  # rows multiplied at a time: q x 256 x k float64 products

@@ -1,7 +1,8 @@
 """Query: scatter the solved concept direction over the feature shards, gather the top-k.
 
     g_q = concept gradient (k,), once per query          (on a worker holding the model)
-    x_q = (K + lambda I)^-1 g_q, once per query           (Cholesky of the stored Fisher)
+    x_q = (K + lambda I)^-1 g_q, once per query           (Cholesky of the stored Fisher;
+          with query.partial_rest the rest's x_r partialled out, docs/method.md (15))
     I(z_i, q) = x_q^T phi_i                               (per block, map_batches)
 
 Several queries share one pass: x (q, k) goes to every shard. A task scores its shards one
@@ -30,7 +31,7 @@ import torch
 from ctrak.attribution import Query, resolve_negative
 from ctrak.config import AttributionConfig
 from ctrak.errors import ConfigError, ImageShapeError
-from ctrak.kernel import solve
+from ctrak.kernel import solve_query
 from pipeline.cluster import cluster_has_gpus, named_errors, remote_call
 from pipeline.config import PipelineConfig, StorageConfig
 from pipeline.errors import StaleFisherError
@@ -122,16 +123,17 @@ def query_gradients(
     specs: list[QuerySpec],
     expected: dict,
     dtype: str = "float32",
-) -> np.ndarray:
-    """g (q, k) float32: each query's concept gradient (run as a Ray task)."""
+) -> list[np.ndarray]:
+    """[(m, k) float32]: each query's directions, the concept gradient and (under
+    `query.partial_rest`) the rest of the prompt's (run as a Ray task)."""
     attributor = load_attributor(model_path, config, dtype)
     check_provenance(expected, attributor.provenance(), where=f"model {model_path}")
     rows = []
     for spec in specs:
         image = None if spec.image is None else images_to_tensor(spec.image[None])
         query = Query(spec.prompt, spec.concept, spec.negative, image)
-        rows.append(attributor.query_gradient(query).detach().cpu())
-    return torch.stack(rows).numpy()
+        rows.append(attributor.query_directions(query).detach().cpu().numpy())
+    return rows
 
 
 def score_shards(
@@ -195,8 +197,8 @@ def run_queries(
 
         index_info = require_index(store)
         check_current(store, index_info)
-    # 2. g (q, k), once per query, by a worker whose model matches the store
-    g = remote_call(
+    # 2. each query's directions (m, k), once, by a worker whose model matches the store
+    directions = remote_call(
         query_gradients,
         job.model,
         config.attribution,
@@ -205,8 +207,9 @@ def run_queries(
         job.model_dtype,
         num_gpus=1 if cluster_has_gpus() else 0,
     )
-    # 3. x = (K + lambda I)^-1 g, solved once: (q, k)
-    x = solve(kernel, torch.from_numpy(np.array(g, np.float32))).numpy()
+    # 3. x = (K + lambda I)^-1 g (the rest's partialled out, docs/method.md (15)), once: (q, k)
+    x = torch.stack([solve_query(kernel, torch.from_numpy(np.array(d))) for d in directions])
+    x = x.numpy()
     # 4. scatter x over the feature shards (each verified against its marker); top-k per
     #    block; gather on the driver
     shard_ids = sorted(info["shards"])

@@ -113,13 +113,13 @@ def test_global_queries_are_independent_draws_averaged_per_target(tmp_path, monk
     # global query j draws from seed global_seed + j; a record's precision is the mean over its
     # queries, and query 2 of a run from seed 0 is the one query of a run from seed 1
     seeds = []
-    real = Attributor.query_gradient
+    real = Attributor.query_directions
 
     def spy(self, query, query_config=None):
         seeds.append((query.concept, query_config.seed))
         return real(self, query, query_config)
 
-    monkeypatch.setattr(Attributor, "query_gradient", spy)
+    monkeypatch.setattr(Attributor, "query_directions", spy)
 
     (variant,) = method_variants(["concept-trak"])
     fast = [Variant(variant.name, with_overrides(variant.config, ["query.sample_steps=8"]))]

@@ -25,7 +25,7 @@ from ctrak.attribution import Attributor, Query
 from ctrak.config import DEFAULT_TOP_K
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
-from ctrak.kernel import scores, solve
+from ctrak.kernel import scores, solve_query
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
 from ctrak.toy.concept_check import DEFAULT_MIN_RATE
@@ -260,8 +260,12 @@ def evaluate(
                             (Query(combo.caption, concept=value), replace(query_cfg, seed=seed))
                             for seed in range(global_seed, global_seed + global_queries)
                         ]
-                    g = torch.stack([attributor.query_gradient(q, c) for q, c in batch]).cpu()
-                    x = solve(kernel, g)  # as Attributor.attribute
+                    x = torch.stack(  # as Attributor.attribute
+                        [
+                            solve_query(kernel, attributor.query_directions(q, c).cpu())
+                            for q, c in batch
+                        ]
+                    )
                     top = topk(scores(features, x), top_k)
                     ranked = [(variant.name, top, None)]
                     if searcher is not None:
