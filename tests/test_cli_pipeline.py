@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ctrak.attribution import Attributor, Query
-from ctrak.kernel import fit_kernel, gram, scores, solve
+from ctrak.kernel import fit_kernel, gram, scores, solve, solve_query
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
 from ctrak.toy.world_shards import generate_world, read_samples
@@ -146,3 +146,32 @@ def test_featurize_then_query_through_the_cli(tmp_path, pixel_model_dir, ray_clu
         assert [h["key"] for h in hits] == [keys[i] for i in expected.indices[j]]
         np.testing.assert_allclose([h["score"] for h in hits], expected.values[j], atol=1e-4)
         assert set(hits[0]) == {"rank", "key", "shard", "row", "score", "caption", "metadata"}
+    # 4. query.partial_rest (two directions per query, docs/method.md (15)) through the job:
+    #    the engine's solved vector, the rest's direction partialled out
+    rest = ["attribution.query.partial_rest=true"]
+    assert (
+        main(
+            ["query", *common, *rest, "--queries", str(queries), "--top-k", "4", "--json", str(out)]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    partial = Attributor(
+        DiffusionModel.load(pixel_model_dir), load_config(None, SETTINGS + rest).attribution
+    )
+    x = torch.stack(
+        [
+            solve_query(kernel, partial.query_directions(q))
+            for q in (
+                Query(rows[6]["caption"], rows[6]["labels"]["shape"], image=image),
+                Query("a blue circle", "blue", image=image),
+            )
+        ]
+    )
+    expected = topk(scores(phi, x), 4)
+    assert not torch.equal(expected.values, topk(scores(phi, solve(kernel, g)), 4).values)
+    for j, result in enumerate(json.loads(out.read_text())["results"]):
+        assert [h["key"] for h in result["hits"]] == [keys[i] for i in expected.indices[j]]
+        np.testing.assert_allclose(
+            [h["score"] for h in result["hits"]], expected.values[j], atol=1e-4
+        )
