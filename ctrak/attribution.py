@@ -379,6 +379,13 @@ class Attributor:
         """Phi (n, k) -> the damped, factorised kernel."""
         return fit_kernel(gram(features), self.config.damping_ratio)
 
+    def solved_query(
+        self, query: Query, kernel: Kernel, query_config: QueryConfig | None = None
+    ) -> torch.Tensor:
+        """Query -> x (k,) float64 = (K + lambda I)^-1 g_q, the rest partialled out under
+        `query.partial_rest` (`query_directions` solved by `solve_query`)."""
+        return solve_query(kernel, self.query_directions(query, query_config).cpu())
+
     def scores(
         self,
         queries: Sequence[Query],
@@ -388,9 +395,7 @@ class Attributor:
     ) -> torch.Tensor:
         """Queries (q,), Phi (n, k) -> (q, n) float64 influence scores (`query_config` as in
         `query_gradient`)."""
-        x = torch.stack(
-            [solve_query(kernel, self.query_directions(q, query_config).cpu()) for q in queries]
-        )
+        x = torch.stack([self.solved_query(q, kernel, query_config) for q in queries])
         return scores(features, x)
 
     def attribute(

@@ -208,8 +208,9 @@ def run_queries(
         num_gpus=1 if cluster_has_gpus() else 0,
     )
     # 3. x = (K + lambda I)^-1 g (the rest's partialled out, docs/method.md (15)), once: (q, k)
-    x = torch.stack([solve_query(kernel, torch.from_numpy(np.array(d))) for d in directions])
-    x = x.numpy()
+    x = torch.stack(
+        [solve_query(kernel, torch.from_numpy(np.array(d))) for d in directions]
+    ).numpy()
     # 4. scatter x over the feature shards (each verified against its marker); top-k per
     #    block; gather on the driver
     shard_ids = sorted(info["shards"])

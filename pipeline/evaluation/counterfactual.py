@@ -78,7 +78,7 @@ def method_scores(
     features (cached as in `ctrak eval`), its damped kernel, the query gradient averaged over
     `draws` of the model at `guidance`. Returns (N,) float64 scores (higher = more influence)."""
     from ctrak.attribution import Attributor, Query
-    from ctrak.kernel import scores, solve_query
+    from ctrak.kernel import scores
     from pipeline.evaluation.synthetic_bench import _features
 
     attributor = Attributor(model, variant.config)
@@ -87,8 +87,7 @@ def method_scores(
     query_cfg = replace(
         variant.config.query, scope="global", num_draws=draws, sample_guidance=guidance
     )
-    directions = attributor.query_directions(Query(prompt, concept=concept), query_cfg)
-    x = solve_query(kernel, directions.cpu())[None]  # (1, k)
+    x = attributor.solved_query(Query(prompt, concept=concept), kernel, query_cfg)[None]
     return scores(features, x)[0].double().numpy()
 
 

@@ -25,7 +25,7 @@ from ctrak.attribution import Attributor, Query
 from ctrak.config import DEFAULT_TOP_K
 from ctrak.errors import ConfigError
 from ctrak.generation import generate_images
-from ctrak.kernel import scores, solve_query
+from ctrak.kernel import scores
 from ctrak.model import DiffusionModel
 from ctrak.topk import topk
 from ctrak.toy.concept_check import DEFAULT_MIN_RATE
@@ -260,12 +260,7 @@ def evaluate(
                             (Query(combo.caption, concept=value), replace(query_cfg, seed=seed))
                             for seed in range(global_seed, global_seed + global_queries)
                         ]
-                    x = torch.stack(  # as Attributor.attribute
-                        [
-                            solve_query(kernel, attributor.query_directions(q, c).cpu())
-                            for q, c in batch
-                        ]
-                    )
+                    x = torch.stack([attributor.solved_query(q, kernel, c) for q, c in batch])
                     top = topk(scores(features, x), top_k)
                     ranked = [(variant.name, top, None)]
                     if searcher is not None:
