@@ -11,20 +11,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "defaults-scripts"))
 
-from dev_candidate import run_candidate  # noqa: E402
+from dev_candidate import run_candidate
 
 LOW = "gradient.timesteps=[99, 199, 299, 399, 499]"
 HIGH = "gradient.timesteps=[599, 699, 799, 899]"
+TEXT_KV = 'gradient.params=["attn2.to_k", "attn2.to_v"]'
+ALL = 'gradient.params=["."]'
 ATTENTION = ["query.concept_tokens=true", "query.concept_attention=true"]
 GRID = {
     "low-t": [LOW],
     "low-t + attention": [LOW, *ATTENTION],
     "high-t": [HIGH],
     "high-t + attention": [HIGH, *ATTENTION],
-    "text k/v": ['gradient.params=["attn2.to_k", "attn2.to_v"]'],
-    "text k/v + tokens": ['gradient.params=["attn2.to_k", "attn2.to_v"]', ATTENTION[0]],
-    "all layers": ['gradient.params=["."]'],
-    "all layers + attention": ['gradient.params=["."]', *ATTENTION],
+    "text k/v": [TEXT_KV],
+    "text k/v + tokens": [TEXT_KV, ATTENTION[0]],
+    "all layers": [ALL],
+    "all layers + attention": [ALL, *ATTENTION],
 }
 
 if __name__ == "__main__":
